@@ -1,0 +1,56 @@
+"""qcore: one API for quantizing large language models, every method a plugin.
+
+``import qcore`` is light: torch is imported only when a model is touched.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qcore.config import QuantConfig, WeightQuantConfig
+from qcore.errors import (
+    CalibrationError,
+    CheckpointError,
+    CompatibilityError,
+    ConfigError,
+    PluginLoadError,
+    QcoreError,
+    UnknownMethodError,
+)
+from qcore.hookspecs import hookimpl
+from qcore.protocol import BaseQuantizer, Quantizer
+from qcore.registry import get_method, list_methods, list_plugins
+from qcore.spec import Capabilities, MethodSpec
+
+__version__ = "0.1.0"
+
+# Heavy entry points, imported on first attribute access (they import torch).
+_LAZY = {
+    "quantize": "qcore.api",
+    "check": "qcore.compat",
+    "save": "qcore.io",
+    "load": "qcore.io",
+    "finetune": "qcore.api",
+    "inspect_model": "qcore.introspect",
+}
+
+if TYPE_CHECKING:
+    from qcore.api import finetune, quantize
+    from qcore.compat import check
+    from qcore.introspect import inspect_model
+    from qcore.io import load, save
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qcore' has no attribute '{name}'")
+
+
+__all__ = [
+    "BaseQuantizer", "CalibrationError", "Capabilities", "CheckpointError", "CompatibilityError",
+    "ConfigError", "MethodSpec", "PluginLoadError", "QcoreError", "QuantConfig", "Quantizer",
+    "UnknownMethodError", "WeightQuantConfig", "__version__", "check", "finetune", "get_method",
+    "hookimpl", "inspect_model", "list_methods", "list_plugins", "load", "quantize", "save",
+]

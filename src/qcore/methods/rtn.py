@@ -1,0 +1,33 @@
+"""Built-in ``rtn``: round to nearest, the baseline every other method is measured against."""
+from __future__ import annotations
+
+from typing import Callable
+
+from qcore.config import WeightQuantConfig
+from qcore.hookspecs import hookimpl
+from qcore.spec import Capabilities, MethodSpec
+
+
+class RTNConfig(WeightQuantConfig):
+    """Round-to-nearest: per-group min/max (or absmax when sym) scales, no calibration."""
+
+    method = "rtn"
+
+
+SPEC = MethodSpec(
+    name="rtn",
+    summary="Round to nearest: calibration-free baseline, any bits and group size",
+    config_cls=RTNConfig,
+    quantizer="qcore.methods.rtn_quantizer:RTNQuantizer",
+    capabilities=Capabilities(
+        kind="weight-only",
+        weight_bits=(2, 3, 4, 8),
+        needs_calibration=False,
+        group_sizes=(-1, 32, 64, 128),
+    ),
+)
+
+
+@hookimpl
+def qcore_register_methods(register: Callable[[MethodSpec], None]) -> None:
+    register(SPEC)
