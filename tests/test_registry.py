@@ -1,0 +1,129 @@
+"""Discovery, broken plugins, disabling, and the light import path."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import qcore
+from qcore.errors import PluginLoadError, UnknownMethodError
+from qcore.registry import Registry
+
+
+def run_py(code: str, extra_path: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, **(env or {}))
+    if extra_path is not None:
+        environ["PYTHONPATH"] = os.pathsep.join([str(extra_path), environ.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=environ, timeout=300)
+
+
+def fake_distribution(root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> Path:
+    """'Install' a distribution the way pip leaves it: a module plus a .dist-info with entry points."""
+    info = root / f"{dist}-0.3.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.3.1\n")
+    eps = "[qcore]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(eps)
+    for name, src in modules.items():
+        (root / f"{name}.py").write_text(textwrap.dedent(src))
+    return root
+
+
+BROKEN = {"qcore_broken_mod": "raise ImportError('needs libfoo, which is not installed')\n"}
+
+
+def test_list_methods_does_not_import_torch() -> None:
+    out = run_py("""
+        import sys, qcore
+        methods = qcore.list_methods()
+        assert 'rtn' in methods and methods['rtn']
+        print('torch' in sys.modules)
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_builtin_rtn_registers_through_entry_point() -> None:
+    plugins = {p.name: p for p in qcore.list_plugins()}
+    assert plugins["rtn"].status == "ok" and plugins["rtn"].distribution == "qcore"
+    assert qcore.get_method("rtn").plugin == "rtn"
+
+
+def test_unknown_method_names_installed_ones() -> None:
+    with pytest.raises(UnknownMethodError, match="installed methods: .*rtn"):
+        qcore.get_method("no-such-method")
+
+
+def test_broken_plugin_is_reported_and_others_work(tmp_path: Path) -> None:
+    fake_distribution(tmp_path, "qcore_broken", {"broken": "qcore_broken_mod"}, BROKEN)
+    out = run_py("""
+        import json, qcore
+        from qcore.errors import PluginLoadError
+        info = {p.name: p.__dict__ for p in qcore.list_plugins()}
+        try:
+            qcore.get_method('broken')
+        except PluginLoadError as exc:
+            err = str(exc)
+        print(json.dumps({'plugins': info, 'methods': qcore.list_methods(), 'err': err}, default=str))
+    """, tmp_path)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    broken = data["plugins"]["broken"]
+    assert broken["status"] == "failed" and broken["distribution"] == "qcore_broken"
+    assert "needs libfoo" in broken["error"]
+    assert "rtn" in data["methods"]
+    assert "broken" in data["err"] and "needs libfoo" in data["err"]
+
+
+def test_cli_plugins_shows_broken_plugin(tmp_path: Path) -> None:
+    fake_distribution(tmp_path, "qcore_broken", {"broken": "qcore_broken_mod"}, BROKEN)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "qcore.cli", "plugins"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("| broken"))
+    assert "qcore_broken" in line and "0.3.1" in line and "failed" in line and "needs libfoo" in line
+
+
+def test_disable_plugins_by_name(tmp_path: Path) -> None:
+    fake_distribution(tmp_path, "qcore_broken", {"broken": "qcore_broken_mod"}, BROKEN)
+    out = run_py("""
+        import qcore
+        print({p.name: p.status for p in qcore.list_plugins()}['broken'], 'rtn' in qcore.list_methods())
+    """, tmp_path, env={"QCORE_DISABLE_PLUGINS": "broken"})
+    assert out.stdout.split() == ["disabled", "True"], out.stderr
+
+
+def test_plugin_registering_a_taken_name_fails_alone() -> None:
+    reg = Registry()
+    reg.load_entry_points()
+
+    class Dup:
+        @qcore.hookimpl
+        def qcore_register_methods(self, register):
+            register(qcore.get_method("rtn"))
+
+    reg.register_plugin(Dup(), "dup")
+    assert reg.plugins["dup"].status == "failed" and "already registered" in reg.plugins["dup"].error
+    assert reg.get("rtn").plugin == "rtn"
+    with pytest.raises(PluginLoadError, match="dup"):
+        reg.get("dup")
+
+
+def test_hook_that_raises_is_contained() -> None:
+    reg = Registry()
+
+    class Bad:
+        @qcore.hookimpl
+        def qcore_register_methods(self, register):
+            raise RuntimeError("boom")
+
+    bad = Bad()
+    reg.register_plugin(bad, "bad")
+    assert reg.plugins["bad"].status == "failed" and "boom" in reg.plugins["bad"].error
+    assert not reg.pm.is_registered(bad)
