@@ -1,0 +1,513 @@
+"""The compatibility matrix as data, and ``qcore.check``.
+
+The matrix is computed, never written by hand: methods come from the registry (each
+``MethodSpec.capabilities``), architecture families from :data:`qcore.archtable.FAMILIES`,
+options from each method's config class. :func:`check` applies the same data to one model;
+``qcore.quantize`` runs it first and refuses with its message.
+
+``docs/compatibility.md`` is generated with ``python -m qcore.compat > docs/compatibility.md``
+(the methods of this repository: built-in ``rtn`` plus ``plugins/qcore_*``). Importing this
+module does not import torch; :func:`check` does when it inspects a model.
+"""
+from __future__ import annotations
+
+import ast
+import fnmatch
+import inspect
+import json
+import re
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qcore import archtable
+from qcore.config import QuantConfig
+from qcore.errors import CompatibilityError, ConfigError, QcoreError
+from qcore.registry import get_registry
+from qcore.spec import MethodSpec
+
+if TYPE_CHECKING:
+    from qcore.introspect import ModelInfo
+
+ACT_BITS_FIELDS: tuple[str, ...] = ("act_bits", "activation_bits", "a_bits")
+"""Config fields holding a method's activation bit width (checked against ``activation_bits``)."""
+
+REGENERATE = "python -m qcore.compat > docs/compatibility.md"
+
+
+class ConfigCompatibilityError(ConfigError, CompatibilityError):
+    """A refusal caused (at least in part) by an unknown or invalid option: both error types."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the verdict
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Verdict:
+    """Whether a method (or chain) can quantize a model with these options, and why not."""
+
+    ok: bool
+    reasons: list[str] = field(default_factory=list)
+    recommendations: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    family: str = ""
+    configs: list[QuantConfig] = field(default_factory=list, repr=False)
+    config_failure: bool = field(default=False, repr=False)
+    """True when an option was unknown or invalid (``raise_if_failed`` then raises an error that
+    is both a ``ConfigError`` and a ``CompatibilityError``)."""
+
+    def message(self) -> str:
+        """One line: what is refused, why, and what to do instead."""
+        if self.ok:
+            return f"{' + '.join(self.methods)} can quantize this {self.family or 'model'}"
+        target = f" on {self.family}" if self.family else ""
+        text = f"cannot quantize with {' + '.join(self.methods) or '?'}{target}: " + "; ".join(self.reasons)
+        if self.recommendations:
+            text += ". Try: " + "; ".join(self.recommendations)
+        return text
+
+    def raise_if_failed(self) -> None:
+        """Raise ``CompatibilityError`` (``ConfigCompatibilityError`` for option errors) unless ok."""
+        if self.ok:
+            return
+        cls = ConfigCompatibilityError if self.config_failure else CompatibilityError
+        raise cls(self.message())
+
+
+# ----------------------------------------------------------------------------------------------
+# pure helpers
+# ----------------------------------------------------------------------------------------------
+def family_supported(spec: MethodSpec, family: str) -> bool:
+    """Whether ``spec.capabilities.architectures`` (fnmatch patterns) admit ``family``."""
+    return any(fnmatch.fnmatchcase(family, p) for p in spec.capabilities.architectures)
+
+
+def dividing_group_sizes(in_features: list[int] | tuple[int, ...], candidates: tuple[int, ...]) -> list[int]:
+    """Positive ``candidates`` that divide every value of ``in_features``, largest first."""
+    return sorted((g for g in set(candidates) if g > 0 and all(n % g == 0 for n in in_features)),
+                  reverse=True)
+
+
+def _or_list(values: list[Any]) -> str:
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def split_options(specs: list[MethodSpec], options: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Give each option to every method of the chain whose config declares it.
+
+    Returns (options per method, unknown option names); same rule as ``qcore.quantize``.
+    """
+    per: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for spec in specs:
+        names = set(spec.config_cls.model_fields)
+        mine = {k: v for k, v in options.items() if k in names}
+        used |= set(mine)
+        per.append(mine)
+    return per, sorted(set(options) - used)
+
+
+def _config_value(config: QuantConfig, names: tuple[str, ...]) -> Any:
+    for name in names:
+        if name in type(config).model_fields:
+            return getattr(config, name)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# check
+# ----------------------------------------------------------------------------------------------
+def check(model: Any, method: str | MethodSpec | list[str | MethodSpec] | tuple[str | MethodSpec, ...],
+          **options: Any) -> Verdict:
+    """Check that ``method`` (a name, a spec, or a chain of them) can quantize ``model``.
+
+    ``model`` is an ``nn.Module`` (inspected with :func:`qcore.introspect.inspect_model`, which
+    rewrites Conv1D/fused experts exactly, in place), a ``ModelInfo``, or ``None`` to check
+    only the options. ``options`` go to every method whose config declares them;
+    ``config=`` passes a ready config (or one per method of a chain) instead.
+    """
+    chain = list(method) if isinstance(method, (list, tuple)) else [method]
+    verdict = Verdict(ok=True, methods=[m if isinstance(m, str) else m.name for m in chain])
+    reasons, recs = verdict.reasons, verdict.recommendations
+    if not chain:
+        reasons.append("no method given")
+        recs.append("pass a method name such as 'rtn' or a chain such as ['awq', 'gptq']")
+    specs: list[MethodSpec] = []
+    registry = get_registry()
+    for m in chain:
+        if isinstance(m, MethodSpec):
+            specs.append(m)
+            continue
+        try:
+            specs.append(registry.get(m))
+        except QcoreError as exc:
+            reasons.append(str(exc))
+    if len(specs) != len(chain):
+        verdict.ok = False
+        return verdict
+
+    configs = _build_configs(specs, options, verdict)
+    _check_chain(specs, verdict)
+    for spec, cfg in zip(specs, configs):
+        if cfg is not None:
+            _check_bits(spec, cfg, verdict)
+
+    info = None
+    if model is not None:
+        info = _model_info(model, verdict)
+    if info is not None:
+        verdict.family = info.family
+        for spec in specs:
+            if not family_supported(spec, info.family):
+                reasons.append(
+                    f"{spec.name} does not support architecture family '{info.family}' "
+                    f"(it supports: {', '.join(spec.capabilities.architectures)})")
+                others = sorted(n for n, s in registry.methods.items()
+                                if s.capabilities.kind == spec.capabilities.kind and family_supported(s, info.family))
+                if others:
+                    recs.append(f"methods of kind {spec.capabilities.kind} that support '{info.family}': "
+                                f"{', '.join(others)}")
+        for spec, cfg in zip(specs, configs):
+            if cfg is not None:
+                _check_groups(spec, cfg, info, verdict)
+    verdict.configs = [c for c in configs if c is not None]
+    verdict.ok = not reasons
+    return verdict
+
+
+def _build_configs(specs: list[MethodSpec], options: dict[str, Any], verdict: Verdict) -> list[QuantConfig | None]:
+    given = options.pop("config", None)
+    if given is not None:
+        configs = [given] if isinstance(given, QuantConfig) else list(given)
+        if options:
+            verdict.reasons.append(f"pass either config= or options ({', '.join(sorted(options))}), not both")
+            verdict.config_failure = True
+        if len(configs) != len(specs):
+            verdict.reasons.append(f"{len(specs)} method(s) but {len(configs)} config(s)")
+            verdict.recommendations.append("give one config per method of the chain")
+            verdict.config_failure = True
+            return [None] * len(specs)
+        out: list[QuantConfig | None] = []
+        for spec, cfg in zip(specs, configs):
+            if not isinstance(cfg, spec.config_cls):
+                verdict.reasons.append(f"method '{spec.name}' takes a {spec.config_cls.__name__}, "
+                                       f"got {type(cfg).__name__}")
+                verdict.config_failure = True
+                out.append(None)
+            else:
+                out.append(cfg)
+        return out
+    per, unknown = split_options(specs, options)
+    if unknown:
+        valid = ("; ".join(f"{s.name}: {', '.join(s.config_cls.option_names())}" for s in specs)
+                 if len(specs) > 1 else ", ".join(specs[0].config_cls.option_names()))
+        what = f"method '{specs[0].name}'" if len(specs) == 1 else "chain " + " + ".join(s.name for s in specs)
+        verdict.reasons.append(f"unknown option(s) {', '.join(unknown)} for {what}; valid options: {valid}")
+        verdict.config_failure = True
+    out = []
+    for spec, opts in zip(specs, per):
+        try:
+            out.append(spec.config_cls.from_options(**opts))
+        except ConfigError as exc:
+            verdict.reasons.append(str(exc))
+            verdict.config_failure = True
+            out.append(None)
+    return out
+
+
+def _check_chain(specs: list[MethodSpec], verdict: Verdict) -> None:
+    for first, second in zip(specs, specs[1:]):
+        if first.composes_before(second):
+            continue
+        allowed = ", ".join(first.capabilities.composes_with) or "nothing"
+        verdict.reasons.append(f"'{second.name}' cannot follow '{first.name}' in a chain "
+                               f"('{first.name}' composes with: {allowed})")
+        if second.composes_before(first):
+            verdict.recommendations.append(f"reverse the order: ['{second.name}', '{first.name}']")
+        else:
+            verdict.recommendations.append(f"quantize with '{first.name}' or '{second.name}' alone")
+
+
+def _check_bits(spec: MethodSpec, cfg: QuantConfig, verdict: Verdict) -> None:
+    caps = spec.capabilities
+    bits = _config_value(cfg, ("bits",))
+    if isinstance(bits, int) and caps.weight_bits and bits not in caps.weight_bits:
+        verdict.reasons.append(f"{spec.name} supports weight bits {', '.join(map(str, caps.weight_bits))}, "
+                               f"not {bits}")
+        near = min(caps.weight_bits, key=lambda b: (abs(b - bits), -b))
+        verdict.recommendations.append(f"use bits={near}")
+    abits = _config_value(cfg, ACT_BITS_FIELDS)
+    if isinstance(abits, int) and caps.activation_bits and abits not in caps.activation_bits:
+        verdict.reasons.append(f"{spec.name} supports activation bits "
+                               f"{', '.join(map(str, caps.activation_bits))}, not {abits}")
+    gs = _config_value(cfg, ("group_size",))
+    if isinstance(gs, int) and caps.group_sizes and gs not in caps.group_sizes:
+        verdict.reasons.append(f"{spec.name} supports group sizes {', '.join(map(str, caps.group_sizes))}, "
+                               f"not {gs}")
+
+
+def _model_info(model: Any, verdict: Verdict) -> ModelInfo | None:
+    from qcore.introspect import ModelInfo, inspect_model
+
+    if isinstance(model, ModelInfo):
+        return model
+    try:
+        return inspect_model(model)
+    except QcoreError as exc:
+        verdict.reasons.append(str(exc))
+        return None
+
+
+def _check_groups(spec: MethodSpec, cfg: QuantConfig, info: ModelInfo, verdict: Verdict) -> None:
+    """Every group size must divide the in_features of every linear the method will quantize."""
+    gs = _config_value(cfg, ("group_size",))
+    if not isinstance(gs, int) or gs <= 0:
+        return
+    ignore = list(getattr(cfg, "ignore", None) or [])
+    targets = [(name, li) for name, li in info.linear_infos()
+               if li.quantize and not any(fnmatch.fnmatchcase(name, p) for p in ignore)]
+    bad = [(name, li) for name, li in targets if li.in_features % gs]
+    if not bad:
+        return
+    name, li = bad[0]
+    widths = sorted({t.in_features for _, t in targets})
+    fits = dividing_group_sizes(widths, spec.capabilities.group_sizes)
+    if fits:
+        fix = _or_list(fits)
+    elif -1 in spec.capabilities.group_sizes:
+        fix = "-1 (one scale per output channel)"
+    else:
+        fix = "ignore= for these linears"
+    more = f" (and {len(bad) - 1} more linear{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+    verdict.reasons.append(f"group_size {gs} does not divide in_features {li.in_features} of {name}{more}: "
+                           f"use {fix}")
+    if fits:
+        verdict.recommendations.append(f"group_size={fits[0]} divides every quantized linear of this model")
+    rel = sorted({n.removeprefix(info.blocks_path + ".").split(".", 1)[1] for n, _ in bad})
+    patterns = [f"*.{r}" for r in rel[:4]]
+    if len(rel) <= 4:
+        verdict.recommendations.append(f"or keep them in float with ignore={json.dumps(patterns)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the matrix (data) and its rendering
+# ----------------------------------------------------------------------------------------------
+def installed_specs() -> list[MethodSpec]:
+    """Every registered method, sorted by name."""
+    reg = get_registry()
+    return [reg.methods[n] for n in sorted(reg.methods)]
+
+
+def _repo_root() -> Path | None:
+    root = Path(__file__).resolve().parents[2]
+    project = root / "pyproject.toml"
+    if project.is_file() and re.search(r'^name\s*=\s*"qcore"', project.read_text(), re.M):
+        return root
+    return None
+
+
+def _entry_points(pyproject: Path) -> list[str]:
+    """Names in the ``[project.entry-points.qcore]`` table of a pyproject.toml."""
+    names: list[str] = []
+    in_table = False
+    for line in pyproject.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            in_table = stripped == "[project.entry-points.qcore]"
+            continue
+        m = re.match(r'^([A-Za-z0-9_.-]+)\s*=', stripped)
+        if in_table and m:
+            names.append(m.group(1))
+    return names
+
+
+def repo_plugins() -> list[str] | None:
+    """Entry-point names of this repository's built-in methods and ``plugins/qcore_*`` (None when
+    qcore is not run from its source tree)."""
+    root = _repo_root()
+    if root is None:
+        return None
+    names = _entry_points(root / "pyproject.toml")
+    for project in sorted((root / "plugins").glob("qcore_*/pyproject.toml")):
+        names += _entry_points(project)
+    return sorted(set(names))
+
+
+def missing_repo_plugins() -> list[str]:
+    """Repository plugins that are not installed or failed to load (empty when all are ok)."""
+    names = repo_plugins() or []
+    plugins = get_registry().plugins
+    return [n for n in names if n not in plugins or plugins[n].status != "ok"]
+
+
+def repo_specs() -> list[MethodSpec]:
+    """The methods of this repository that are registered (all methods outside a source tree)."""
+    names = repo_plugins()
+    specs = installed_specs()
+    return specs if names is None else [s for s in specs if s.plugin in names]
+
+
+def _bits(values: tuple[int, ...]) -> str:
+    return ", ".join(map(str, values)) if values else "-"
+
+
+def matrix_rows(specs: list[MethodSpec] | None = None) -> list[dict[str, Any]]:
+    """One row per (method, architecture family): the matrix as data."""
+    specs = installed_specs() if specs is None else specs
+    rows = []
+    for spec in specs:
+        caps = spec.capabilities
+        for fam in archtable.FAMILIES:
+            rows.append({
+                "method": spec.name, "plugin": spec.distribution or spec.plugin, "kind": caps.kind,
+                "family": fam.model_type, "supported": family_supported(spec, fam.model_type),
+                "weight_bits": list(caps.weight_bits), "activation_bits": list(caps.activation_bits),
+                "group_sizes": list(caps.group_sizes), "needs_calibration": caps.needs_calibration,
+                "trains": caps.trains, "composes_with": list(caps.composes_with),
+                "options": spec.config_cls.option_names(),
+            })
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return re.sub(r"\btyping\.", "", str(annotation)).replace("NoneType", "None")
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under class attributes (``x: int = 1`` then ``\"\"\"doc\"\"\"``)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not (isinstance(klass, type) and issubclass(klass, QuantConfig)):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def option_rows(spec: MethodSpec) -> list[dict[str, str]]:
+    """option, type, default and doc of each option of ``spec``'s config."""
+    docs = _attribute_docs(spec.config_cls)
+    rows = []
+    for name in spec.config_cls.option_names():
+        info = spec.config_cls.model_fields[name]
+        default = info.get_default(call_default_factory=True)
+        rows.append({"option": name, "type": _type_name(info.annotation),
+                     "default": json.dumps(default, sort_keys=True, default=str),
+                     "doc": info.description or docs.get(name, "")})
+    return rows
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(specs: list[MethodSpec] | None = None) -> str:
+    """The compatibility matrix as Markdown (deterministic for a given set of methods)."""
+    specs = installed_specs() if specs is None else sorted(specs, key=lambda s: s.name)
+    out: list[str] = [
+        "# Compatibility matrix",
+        "",
+        f"Generated from the registered methods' capabilities and `qcore.archtable` by `{REGENERATE}`;",
+        "do not edit by hand (`tests/test_compat.py` fails when this file is stale). `qcore compat`",
+        "prints the same tables for the methods installed; `qcore.check(model, method, **options)` applies",
+        "them to one model, and `qcore.quantize` runs that check first.",
+        "",
+        "## Methods",
+        "",
+        "| method | plugin | kind | weight bits | activation bits | group sizes | calibration | trains "
+        "| may be followed by |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in specs:
+        c = s.capabilities
+        out.append(f"| `{s.name}` | {s.distribution or s.plugin} | {c.kind} | {_bits(c.weight_bits)} | "
+                   f"{_bits(c.activation_bits)} | {_bits(c.group_sizes)} | "
+                   f"{'needed' if c.needs_calibration else 'no'} | {'yes' if c.trains else 'no'} | "
+                   f"{', '.join(c.composes_with) or '-'} |")
+    out += ["", "Group size -1 means one scale per output channel.", ""]
+
+    out += ["## Architectures", "",
+            "`yes`: the method's `architectures` admit the family; every family is introspected by",
+            "`qcore.introspect` (tests build a tiny model of each from its config).", "",
+            "| family (`model_type`) | " + " | ".join(f"`{s.name}`" for s in specs) + " | structure |",
+            "|---|" + "---|" * len(specs) + "---|"]
+    for fam in archtable.FAMILIES:
+        cells = " | ".join("yes" if family_supported(s, fam.model_type) else "no" for s in specs)
+        out.append(f"| {fam.display} (`{fam.model_type}`) | {cells} | {_cell(fam.notes)} |")
+    out.append("")
+
+    out += ["## Chains", "",
+            "Row method first, then column method (`qcore.quantize(model, [row, column])`).", "",
+            "| first \\ then | " + " | ".join(f"`{s.name}`" for s in specs) + " |",
+            "|---|" + "---|" * len(specs)]
+    for a in specs:
+        out.append(f"| `{a.name}` | " + " | ".join("yes" if a.composes_before(b) else "-" for b in specs) + " |")
+    out.append("")
+
+    out += ["## Rules `qcore.check` applies", "",
+            "- every option must be declared by the config of a method in the chain (unknown or invalid "
+            "options are refused with the list of valid ones);",
+            "- `bits`, activation bits and `group_size` must be among the method's capabilities above;",
+            "- the model's `config.model_type` must match the method's architectures;",
+            "- a positive `group_size` must divide `in_features` of every linear the method quantizes "
+            "(ragged groups are not supported); linears matched by `ignore` and MoE routers (never "
+            "quantized) are exempt. The refusal names the first offending linear and the group sizes "
+            "that work;",
+            "- each method of a chain must list the next one (or its kind) in `composes_with`.", ""]
+
+    sizes = sorted({g for s in specs for g in s.capabilities.group_sizes if g > 0}) or [32, 64, 128]
+    out += ["## Group sizes for common shapes", "",
+            "| model | in_features of its linears | positive group sizes that divide all |",
+            "|---|---|---|"]
+    for model, widths in archtable.KNOWN_SHAPES:
+        fits = dividing_group_sizes(widths, tuple(sizes))
+        out.append(f"| {model} | {', '.join(map(str, widths))} | "
+                   f"{', '.join(map(str, sorted(fits))) or 'none: use -1 or ignore='} |")
+    out.append("")
+
+    out += ["## Options", ""]
+    for s in specs:
+        out += [f"### `{s.name}` ({s.config_cls.__name__})", "", _cell(s.summary), "",
+                "| option | type | default | description |", "|---|---|---|---|"]
+        for row in option_rows(s):
+            out.append(f"| `{row['option']}` | `{_cell(row['type'])}` | `{_cell(row['default'])}` | "
+                       f"{_cell(row['doc'])} |")
+        for note in s.capabilities.notes:
+            out.append("")
+            out.append(f"Note: {_cell(note)}")
+        out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def compat_text() -> str:
+    """What ``qcore compat`` prints: the matrix for the installed methods."""
+    return render_markdown()
+
+
+def main() -> int:
+    """``python -m qcore.compat``: write the repository's matrix to stdout."""
+    missing = missing_repo_plugins()
+    if missing:
+        sys.stderr.write(
+            f"qcore.compat: repository plugin(s) {', '.join(missing)} not installed or broken; install every "
+            "plugin (make install) before regenerating docs/compatibility.md\n")
+        return 1
+    sys.stdout.write(render_markdown(repo_specs()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
