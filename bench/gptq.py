@@ -1,0 +1,306 @@
+#!/usr/bin/env python
+"""GPTQ bench: float, RTN and qcore's GPTQ against GPTQModel and llm-compressor's GPTQ.
+
+Everything is evaluated with qcore's own perplexity protocol (:mod:`qcore.eval`) on WikiText-2.
+Each peer runs in a subprocess with its own virtual environment's Python (``--gptqmodel-python``,
+``--llmc-python``, see bench/requirements-peers.txt) on the same float model (saved once as a
+Hugging Face folder), the same calibration windows (saved as safetensors) and the same settings;
+it hands back its quantized weights dequantized to float32 (safetensors), which are loaded into
+the float model and evaluated here. Wall times are the peers' own quantization call
+(``quantize()`` / ``oneshot()``), measured inside the subprocess, next to qcore's
+``qcore.quantize`` call; model loading and evaluation are not timed.
+
+Usage (SmolLM2-135M, the numbers in docs/results.md):
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/gptq.py --model smollm2-135m --bits 3 4 --group-size 64 \
+        --n-samples 32 --seq-len 512 --eval-tokens 8192 --json /tmp/gptq_bench.json
+
+The peer mode (``--peer NAME --peer-config JSON``) is what the subprocesses run; it imports only
+the peer's packages, torch, safetensors and the standard library.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PEER_PYTHON = {
+    "gptqmodel": "/work/peers/gptqmodel/bin/python",
+    "llm-compressor": "/work/peers/llmc/bin/python",
+}
+
+
+# ================================================================================================
+# peer mode: runs inside the peer's virtual environment
+# ================================================================================================
+def _identity_dequantize(module: Any, in_features: int) -> Any:
+    """The float weight [out, in] a (quantized) linear module applies: f(I) - f(0)."""
+    import torch
+
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    buf = next((b for b in module.buffers() if b.is_floating_point()), None)
+    dtype = (param if param is not None else buf).dtype if (param is not None or buf is not None) else torch.float32
+    eye = torch.eye(in_features, dtype=dtype)
+    with torch.no_grad():
+        y = module(eye).float() - module(torch.zeros(1, in_features, dtype=dtype)).float()
+    return y.T.contiguous()
+
+
+def _run_gptqmodel(cfg: dict, ids: Any) -> tuple[Any, float, str]:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import torch
+    import gptqmodel
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    qc = QuantizeConfig(
+        bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"], desc_act=cfg["desc_act"],
+        static_groups=cfg["static_groups"], act_group_aware=False, damp_percent=cfg["damp_percent"],
+        true_sequential=True, offload_to_disk=False, mse=0.0,
+    )
+    model = GPTQModel.load(cfg["float_dir"], qc, device="cpu", dtype=torch.float32)
+    calib = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
+    start = time.perf_counter()
+    model.quantize(calib, batch_size=cfg["batch_size"])
+    seconds = time.perf_counter() - start
+    return model.model, seconds, gptqmodel.__version__
+
+
+def _run_llmc(cfg: dict, ids: Any) -> tuple[Any, float, str]:
+    import torch
+    import llmcompressor
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg["float_dir"], dtype=torch.float32)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
+    weights = {"num_bits": cfg["bits"], "type": "int", "symmetric": cfg["sym"]}
+    if cfg["group_size"] > 0:
+        weights.update(strategy="group", group_size=cfg["group_size"])
+    else:
+        weights.update(strategy="channel")
+    if cfg["desc_act"]:
+        weights["actorder"] = "static" if cfg["static_groups"] else "group"
+    recipe = GPTQModifier(
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+        ignore=["lm_head"], dampening_frac=cfg["damp_percent"], block_size=128,
+    )
+    start = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=int(ids.shape[0]),
+            max_seq_length=int(ids.shape[1]), batch_size=cfg["batch_size"])
+    seconds = time.perf_counter() - start
+    return model, seconds, llmcompressor.__version__
+
+
+def peer_main(name: str, cfg: dict) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    ids = load_file(cfg["calib"])["input_ids"]
+    run = {"gptqmodel": _run_gptqmodel, "llm-compressor": _run_llmc}[name]
+    model, seconds, version = run(cfg, ids)
+    modules = dict(model.named_modules())
+    out: dict[str, Any] = {}
+    for full, in_features in cfg["linears"].items():
+        mod = modules.get(full)
+        if mod is None:
+            raise SystemExit(f"{name}: module {full} not found after quantization")
+        out[full] = _identity_dequantize(mod, in_features)
+    Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
+    save_file(out, str(Path(cfg["out"]) / "weights.safetensors"))
+    types = sorted({type(modules[f]).__name__ for f in cfg["linears"]})
+    (Path(cfg["out"]) / "result.json").write_text(json.dumps(
+        {"quant_seconds": seconds, "version": version, "module_types": types}))
+
+
+# ================================================================================================
+# bench mode: runs in qcore's environment
+# ================================================================================================
+def _block_linears(model: Any) -> dict[str, int]:
+    from qcore.introspect import inspect_model
+
+    info = inspect_model(model)
+    return {f"{b.name}.{n}": li.in_features for b in info.blocks for n, li in b.linears.items()}
+
+
+def _save_float(model: Any, tok: Any, path: Path) -> None:
+    """Save ``model`` as a plain float32 Hugging Face folder (a GGUF-loaded model refuses
+    ``save_pretrained``: rebuild it from its config without the quantization marker)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+
+
+def _load_weights(model: Any, weights: dict[str, Any]) -> None:
+    import torch
+
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, w in weights.items():
+            lin = modules[name]
+            if lin.weight.shape != w.shape:
+                raise SystemExit(f"{name}: peer weight {tuple(w.shape)} != {tuple(lin.weight.shape)}")
+            lin.weight.copy_(w.to(lin.weight.dtype))
+
+
+def _grid_ok(w: Any, bits: int, group_size: int) -> bool:
+    """Whether every (row, contiguous group) of ``w`` holds at most 2**bits distinct values."""
+    g = w.reshape(w.shape[0], -1, group_size if group_size > 0 else w.shape[1])
+    return all(len(set(row.tolist())) <= 2**bits for row in g.reshape(-1, g.shape[-1])[:: max(1, g.shape[0] // 8)])
+
+
+def _ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> float:
+    from qcore.eval import perplexity
+
+    return perplexity(model, args.eval_text, tokenizer, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens).ppl
+
+
+def bench_main(args: argparse.Namespace) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import qcore
+    from qcore.data import get_calibration
+    from qcore.models import load_model
+
+    torch.manual_seed(0)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="qcore_gptq_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    def fresh() -> Any:
+        m, t = load_model(args.model)
+        return m.eval(), t
+
+    model, tok = fresh()
+    float_dir = work / "float"
+    if args.peers and not (float_dir / "config.json").is_file():
+        _save_float(model, tok, float_dir)
+    calib = get_calibration(args.calibration, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=0)
+    save_file({"input_ids": calib.input_ids.contiguous()}, str(work / "calib.safetensors"))
+    linears = _block_linears(model)
+
+    rows: list[dict[str, Any]] = []
+    ppl_float = _ppl(model, tok, args)
+    rows.append({"bits": "-", "method": "float", "ppl": ppl_float, "seconds": None})
+    print(f"float: ppl {ppl_float:.3f}", flush=True)
+    del model
+
+    for bits in args.bits:
+        common = {"bits": bits, "group_size": args.group_size, "sym": args.sym}
+        m, _ = fresh()
+        start = time.perf_counter()
+        qcore.quantize(m, "rtn", **common)
+        rows.append({"bits": bits, "method": "rtn (qcore)", "ppl": _ppl(m, tok, args),
+                     "seconds": time.perf_counter() - start})
+        print(rows[-1], flush=True)
+        del m
+
+        m, _ = fresh()
+        opts = {**common, "desc_act": args.desc_act, "static_groups": args.static_groups,
+                "damp_percent": args.damp_percent, "mse_clip": args.mse_clip}
+        start = time.perf_counter()
+        qcore.quantize(m, "gptq", calibration=calib, **opts)
+        rows.append({"bits": bits, "method": "gptq (qcore)", "ppl": _ppl(m, tok, args),
+                     "seconds": time.perf_counter() - start})
+        print(rows[-1], flush=True)
+        del m
+
+        for peer in args.peers:
+            py = getattr(args, f"{peer.replace('-', '_')}_python") or DEFAULT_PEER_PYTHON[peer]
+            out = work / f"{peer}_{bits}"
+            cfg = {**common, "desc_act": args.desc_act, "static_groups": args.static_groups,
+                   "damp_percent": args.damp_percent, "float_dir": str(float_dir),
+                   "calib": str(work / "calib.safetensors"), "linears": linears, "out": str(out),
+                   "batch_size": args.batch_size}
+            env = {**os.environ, "PYTHONPATH": ""}
+            start = time.perf_counter()
+            proc = subprocess.run([py, __file__, "--peer", peer, "--peer-config", json.dumps(cfg)],
+                                  capture_output=True, text=True, env=env, timeout=args.peer_timeout)
+            total = time.perf_counter() - start
+            if proc.returncode != 0:
+                tail = (proc.stdout + proc.stderr)[-3000:]
+                print(f"{peer} failed (rc {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
+                rows.append({"bits": bits, "method": peer, "ppl": None, "seconds": None,
+                             "error": tail.strip().splitlines()[-1] if tail.strip() else "failed"})
+                continue
+            res = json.loads((out / "result.json").read_text())
+            weights = load_file(str(out / "weights.safetensors"))
+            m, _ = fresh()
+            ok = all(_grid_ok(w, bits, args.group_size) for w in list(weights.values())[:7])
+            _load_weights(m, weights)
+            rows.append({"bits": bits, "method": f"{peer} {res['version']}", "ppl": _ppl(m, tok, args),
+                         "seconds": res["quant_seconds"], "subprocess_seconds": total,
+                         "on_grid": ok, "module_types": res["module_types"]})
+            print(rows[-1], flush=True)
+            del m
+
+    print()
+    print(f"model {args.model}, group {args.group_size}, sym={args.sym}, desc_act={args.desc_act}, "
+          f"static_groups={args.static_groups}, damp={args.damp_percent}; calibration {calib.record['source']} "
+          f"{args.n_samples}x{args.seq_len} (seed 0); WikiText-2 perplexity over {args.eval_tokens} tokens")
+    print()
+    print("| bits | method | perplexity | quantize wall time (s) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        ppl = f"{r['ppl']:.3f}" if r["ppl"] is not None else f"failed: {r.get('error', '')}"
+        sec = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "-"
+        print(f"| {r['bits']} | {r['method']} | {ppl} | {sec} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "calibration": calib.record, "rows": rows},
+                                              indent=1, default=str))
+
+
+def main() -> None:
+    # bench/ holds scripts named like packages (bench/hqq.py): keep them off the import path
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--peer", help=argparse.SUPPRESS)
+    ap.add_argument("--peer-config", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
+    ap.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--damp-percent", type=float, default=0.01)
+    ap.add_argument("--mse-clip", type=float, default=1.0, help="qcore only; peers run without it")
+    ap.add_argument("--calibration", default="c4", help="calibration source (qcore.data name or file)")
+    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=1, help="peers' calibration batch size")
+    ap.add_argument("--eval-text", default="wikitext2")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--peers", nargs="*", default=["gptqmodel", "llm-compressor"])
+    ap.add_argument("--gptqmodel-python", default=None)
+    ap.add_argument("--llm-compressor-python", default=None)
+    ap.add_argument("--peer-timeout", type=int, default=3600)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.peer:
+        peer_main(args.peer, json.loads(args.peer_config))
+    else:
+        bench_main(args)
+
+
+if __name__ == "__main__":
+    main()

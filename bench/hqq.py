@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""HQQ bench: float, RTN and qcore's HQQ against the reference ``hqq`` package (0.2.8).
+
+Everything is evaluated here with qcore's own perplexity protocol (:mod:`qcore.eval`) on the
+WikiText-2 raw test text. The reference runs in a subprocess with its own virtual environment's
+Python (``--hqq-python``, see bench/requirements-peers.txt): it loads the same float model (saved
+once here as a Hugging Face folder), quantizes it with ``AutoHQQHFModel.quantize_model`` and
+``BaseQuantizeConfig(nbits, group_size)`` (its defaults: axis=1, zero point rounded at the start
+at 4 bits only) on the CPU in float32, and writes every quantized linear's dequantized weight
+(``HQQLinear.dequantize()``) to safetensors; those weights are put into the float model and
+evaluated here. Wall times: the peer's ``quantize_model`` call and qcore's ``qcore.quantize``
+call, each timed around that call only (model loading and evaluation are not timed).
+
+Usage (SmolLM2-135M, the numbers in docs/results.md):
+
+    OMP_NUM_THREADS=2 QCORE_PROGRESS=0 .venv/bin/python bench/hqq.py --bits 3 4 2 --group-size 64 \
+        --eval-tokens 16384 --json /tmp/hqq_bench.json
+
+The peer mode (``--peer-config JSON``) is what the subprocess runs; it imports only hqq, torch,
+transformers, safetensors and the standard library.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HQQ_PYTHON = "/work/peers/hqq/bin/python"
+
+
+# ================================================================================================
+# peer mode: runs inside the hqq virtual environment
+# ================================================================================================
+def peer_main(cfg: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    import hqq
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    torch.set_num_threads(int(cfg["threads"]))
+    model = AutoModelForCausalLM.from_pretrained(cfg["float_dir"], dtype=torch.float32)
+    model.eval()
+    qc = BaseQuantizeConfig(nbits=cfg["bits"], group_size=cfg["group_size"], axis=1)
+    start = time.perf_counter()
+    AutoHQQHFModel.quantize_model(model, quant_config=qc, compute_dtype=torch.float32, device="cpu")
+    seconds = time.perf_counter() - start
+    weights = {}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, HQQLinear):
+                weights[f"{name}.weight"] = mod.dequantize().float().reshape(mod.out_features, mod.in_features).contiguous()
+    save_file(weights, cfg["out"])
+    info = {"seconds": seconds, "version": getattr(hqq, "__version__", "?"), "n_linears": len(weights),
+            "config": {k: v for k, v in qc["weight_quant_params"].items() if isinstance(v, (int, float, bool, str))}}
+    Path(cfg["out"] + ".json").write_text(json.dumps(info))
+
+
+# ================================================================================================
+# bench mode: runs in qcore's environment
+# ================================================================================================
+def _ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> tuple[float, int]:
+    from qcore.eval import perplexity
+
+    res = perplexity(model, args.eval_text, tokenizer, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)
+    return res.ppl, res.n_predicted
+
+
+def _save_float(model: Any, path: Path) -> None:
+    """Save ``model`` as a plain float32 Hugging Face folder (a GGUF-loaded model refuses
+    ``save_pretrained``: rebuild it from its config without the quantization marker)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    clean.save_pretrained(path, safe_serialization=True)
+
+
+def _load_weights(model: Any, weights: dict[str, Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for key, w in weights.items():
+            lin = model.get_submodule(key.removesuffix(".weight"))
+            if tuple(lin.weight.shape) != tuple(w.shape):
+                raise SystemExit(f"peer weight {key} has shape {tuple(w.shape)}, expected {tuple(lin.weight.shape)}")
+            lin.weight.copy_(w)
+
+
+def _run_peer(args: argparse.Namespace, float_dir: Path, tmp: Path, bits: int) -> tuple[dict[str, Any], Path]:
+    out = tmp / f"hqq_peer_{bits}.safetensors"
+    cfg = {"float_dir": str(float_dir), "bits": bits, "group_size": args.group_size, "out": str(out),
+           "threads": int(os.environ.get("OMP_NUM_THREADS", "2"))}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    proc = subprocess.run([args.hqq_python, __file__, "--peer-config", json.dumps(cfg)], env=env,
+                          capture_output=True, text=True, timeout=args.peer_timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"hqq peer failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(Path(str(out) + ".json").read_text()), out
+
+
+def bench_main(args: argparse.Namespace) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    import qcore
+    from qcore.models import load_model
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    rows: list[dict[str, Any]] = []
+    model, tok = load_model(args.model)
+    ppl, n_pred = _ppl(model, tok, args)
+    rows.append({"bits": 32, "method": "float", "ppl": ppl, "seconds": None})
+    print(f"float: ppl {ppl:.3f} over {n_pred} predicted tokens", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="qcore_hqq_bench_") as tmpdir:
+        tmp = Path(tmpdir)
+        float_dir = tmp / "float"
+        if not args.no_peer:
+            _save_float(model, float_dir)
+        del model
+
+        for bits in args.bits:
+            variants: list[tuple[str, str, dict[str, Any]]] = [("rtn", "rtn", {}), ("hqq", "qcore hqq", {})]
+            if bits <= 2:
+                variants.append(("hqq", "qcore hqq, optimize_scale=False (paper)", {"optimize_scale": False}))
+            for method, label, opts in variants:
+                m, _ = load_model(args.model)
+                start = time.perf_counter()
+                qcore.quantize(m, method, bits=bits, group_size=args.group_size, **opts)
+                seconds = time.perf_counter() - start
+                inner = m.qcore_record["chain"][-1].get("record", {}).get("seconds")
+                ppl, _ = _ppl(m, tok, args)
+                rows.append({"bits": bits, "method": label, "ppl": ppl, "seconds": seconds, "method_seconds": inner})
+                print(f"{bits}-bit {label}: ppl {ppl:.3f}, quantize {seconds:.2f} s "
+                      f"(of which the method's own per-block work: {inner} s)", flush=True)
+                del m
+            if args.no_peer:
+                continue
+            info, path = _run_peer(args, float_dir, tmp, bits)
+            m, _ = load_model(args.model)
+            weights = load_file(str(path))
+            _load_weights(m, weights)
+            ppl, _ = _ppl(m, tok, args)
+            label = f"hqq {info['version']} (reference)"
+            rows.append({"bits": bits, "method": label, "ppl": ppl, "seconds": info["seconds"],
+                         "peer_config": info["config"], "n_linears": info["n_linears"]})
+            print(f"{bits}-bit {label}: ppl {ppl:.3f}, quantize {info['seconds']:.2f} s "
+                  f"({info['n_linears']} linears)", flush=True)
+            del m, weights
+
+    print()
+    print(f"{args.model}, group size {args.group_size}, WikiText-2 raw test: {n_pred} predicted tokens "
+          f"(first {args.eval_tokens} tokens, windows of {args.eval_seq_len}), "
+          f"{os.environ.get('OMP_NUM_THREADS', '2')} CPU threads")
+    print()
+    print("| bits | method | perplexity | quantize wall time (s) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        secs = "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
+        print(f"| {r['bits'] if r['bits'] != 32 else 'fp32'} | {r['method']} | {r['ppl']:.3f} | {secs} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "group_size": args.group_size,
+                                               "eval_tokens": n_pred, "rows": rows}, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--peer-config", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--eval-text", default=None, help="default: ../shared/data/wikitext2_raw_test.txt")
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--hqq-python", default=DEFAULT_HQQ_PYTHON, help="python of the venv holding hqq==0.2.8")
+    ap.add_argument("--no-peer", action="store_true", help="skip the reference hqq package")
+    ap.add_argument("--peer-timeout", type=int, default=3600)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.peer_config:
+        peer_main(json.loads(args.peer_config))
+        return
+    if args.eval_text is None:
+        args.eval_text = str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext2_raw_test.txt")
+    if not Path(args.eval_text).is_file():
+        raise SystemExit(f"no eval text at {args.eval_text}; pass --eval-text FILE")
+    if not args.no_peer and not Path(args.hqq_python).is_file():
+        raise SystemExit(f"no python at {args.hqq_python}: install the peer (bench/requirements-peers.txt) "
+                         "or pass --no-peer")
+    bench_main(args)
+
+
+if __name__ == "__main__":
+    # this file is named hqq.py: drop its folder from sys.path, so that `import hqq` (the peer) and
+    # transformers' probe for an installed hqq find the package, not this script
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _here]
+    main()

@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""QuantLinear backends against dense fp32/bf16 matmuls, on CPU, as ratios from ONE run.
+
+For batch 1 and 32 over LLaMA-7B-sized shapes (``in x out``: 4096x4096, 4096x11008,
+11008x4096) it times, interleaved round-robin (so load from other processes hits every column
+alike; the median of the rounds is reported):
+
+* ``fp32`` / ``bf16``: ``F.linear`` with a dense weight;
+* ``int4``: QuantLinear 4-bit group-128, backend ``int4_cpu`` (packed int4 kernel, bf16 inside);
+* ``int8``: QuantLinear 8-bit per-channel, backend ``int8_cpu``;
+* ``w8a8``: 8-bit per-channel weights + dynamic per-token int8 activations (backend ``w8a8``);
+* ``fbgemm``: ``quantized::linear_dynamic`` (per-TENSOR dynamic uint8 activations): measured
+  to justify the w8a8 choice, not used by QuantLinear;
+* ``int3``: 3-bit group-128 (stored 3-bit; runs on the int4 kernel as 4-bit codes);
+* ``dense``: the cached-dense-weight fallback (4-bit weights forced to ``dense``);
+* ``ref``: dequantize-then-matmul on every call (batch 1, 4096x4096, one call; never a default).
+
+The batch-1 bandwidth floor is the int4 layer's bytes (packed codes + bf16 scale/offset table)
+divided by the copy bandwidth measured on a 256 MiB tensor (bytes read + bytes written per second).
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/kernels.py [--rounds 15] [--json out.json] [--clock cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from qcore.quant import kernels
+from qcore.quant.act import ActQuant
+from qcore.quant.linear import QuantLinear
+from qcore.quant.primitives import quantize_rtn
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+BATCHES = [1, 32]
+
+
+def copy_bandwidth(mib: int = 256, reps: int = 5) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy."""
+    src = torch.empty(mib * 2**20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() / statistics.median(times[1:])
+
+
+CLOCK: Callable[[], float] = time.perf_counter
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin with :data:`CLOCK`."""
+    for f in fns.values():
+        f()
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = CLOCK()
+            f()
+            times[k].append(CLOCK() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fbgemm_linear(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")
+    try:
+        scale = (w.abs().amax(1) / 127).double()
+        qw = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+    except Exception:  # noqa: BLE001 - build without fbgemm
+        return None
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
+def bench_shape(k: int, n: int, rounds: int, bw: float) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) * 0.02
+    wb = w.bfloat16()
+    mods = {
+        "int4": QuantLinear.from_quantized(quantize_rtn(w, 4, 128, False), None),
+        "int8": QuantLinear.from_quantized(quantize_rtn(w, 8, -1, True), None),
+        "w8a8": QuantLinear.from_quantized(quantize_rtn(w, 8, -1, True), None, act=ActQuant(8)),
+        "int3": QuantLinear.from_quantized(quantize_rtn(w, 3, 128, False), None),
+        "dense": QuantLinear.from_quantized(quantize_rtn(w, 4, 128, False), None),
+        "ref": QuantLinear.from_quantized(quantize_rtn(w, 4, 128, False), None),
+    }
+    for name, backend in [("int4", "int4_cpu"), ("int8", "int8_cpu"), ("w8a8", "w8a8"),
+                          ("int3", "int4_cpu"), ("dense", "dense"), ("ref", "reference")]:
+        mods[name].backend = backend
+    fb = fbgemm_linear(w)
+    rows = []
+    for m in BATCHES:
+        x = torch.randn(m, k, generator=g)
+        xb = x.bfloat16()
+        fns: dict[str, Callable[[], object]] = {
+            "fp32": lambda: F.linear(x, w),
+            "bf16": lambda: F.linear(xb, wb),
+        }
+        for name in ("int4", "int3", "int8", "w8a8", "dense"):
+            fns[name] = (lambda mod: lambda: mod(x))(mods[name])
+        if fb is not None:
+            fns["fbgemm"] = lambda: fb(x)
+        with torch.inference_mode():
+            t = interleaved(fns, rounds)
+            if m == 1 and k * n <= 4096 * 4096:  # one call: it is slow by design
+                t0 = CLOCK()
+                mods["ref"](x)
+                t["ref"] = CLOCK() - t0
+        pack = mods["int4"]._cache
+        assert isinstance(pack, kernels.Int4CpuPack)
+        int4_bytes = pack.packed.numel() + pack.scale_zeros.numel() * 2
+        row = {"shape": f"{k}x{n}", "batch": m, "ms": {kk: v * 1e3 for kk, v in t.items()},
+               "floor_ms": int4_bytes / bw * 1e3 if m == 1 else None}
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["int4", "int3", "int8", "w8a8", "fbgemm", "dense", "ref"]
+    head = ("| shape (in x out) | batch | fp32 ms | bf16 ms | " + " | ".join(f"{c} ms (vs fp32 / vs bf16)" for c in cols)
+            + " | floor ms | int4 / floor |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ms = r["ms"]
+        cells = [r["shape"], str(r["batch"]), f"{ms['fp32']:.2f}", f"{ms['bf16']:.2f}"]
+        for c in cols:
+            if c in ms:
+                cells.append(f"{ms[c]:.2f} ({ms['fp32'] / ms[c]:.2f}x / {ms['bf16'] / ms[c]:.2f}x)")
+            else:
+                cells.append("-")
+        if r["floor_ms"]:
+            cells += [f"{r['floor_ms']:.2f}", f"{ms['int4'] / r['floor_ms']:.2f}"]
+        else:
+            cells += ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: perf_counter (the real speed); cpu: process CPU time, less sensitive to "
+                         "other processes on a shared machine (run with OMP_WAIT_POLICY=PASSIVE so idle "
+                         "threads do not spin); the bandwidth floor is always wall-clock")
+    args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
+    bw = copy_bandwidth()
+    rows = []
+    for k, n in SHAPES:
+        rows += bench_shape(k, n, args.rounds, bw)
+    load_end = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {args.clock} clock, {args.threads} threads, {os.cpu_count()} CPUs, load average "
+          f"{load_start:.1f} at start / {load_end:.1f} at end, copy bandwidth {bw / 1e9:.1f} GB/s "
+          "(read+write); ratios are speedups (>1 = faster than the dense matmul)\n")
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"clock": args.clock, "threads": args.threads, "copy_bandwidth_Bps": bw, "load_average": [load_start, load_end],
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

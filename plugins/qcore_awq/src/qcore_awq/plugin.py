@@ -1,0 +1,31 @@
+"""Registers the ``awq`` method (no torch import)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from qcore.hookspecs import hookimpl
+from qcore.spec import Capabilities, MethodSpec
+from qcore_awq.config import AWQConfig
+
+SPEC = MethodSpec(
+    name="awq",
+    summary="AWQ: activation-aware per-channel scale search folded exactly, clip search, RTN or GPTQ after",
+    config_cls=AWQConfig,
+    quantizer="qcore_awq.quantizer:AWQQuantizer",
+    capabilities=Capabilities(
+        kind="weight-only",
+        weight_bits=(2, 3, 4, 8),
+        needs_calibration=True,
+        composes_with=("gptq",),
+        group_sizes=(-1, 32, 64, 128),
+        notes=(
+            "scale groups come from introspection; groups that cannot be folded exactly are skipped and logged",
+            "runs on CPU",
+        ),
+    ),
+)
+
+
+@hookimpl
+def qcore_register_methods(register: Callable[[MethodSpec], None]) -> None:
+    register(SPEC)

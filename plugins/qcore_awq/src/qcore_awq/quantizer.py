@@ -1,0 +1,344 @@
+"""AWQ glue to the qcore engine: scale search + exact fold, clip search, then RTN (or hand-off).
+
+Per block, for each scale group the introspection reports (``block.info.scale_groups``):
+
+1. capture, with the block as it is now (earlier groups already folded), the inputs of the
+   group's *inspected module* (the smallest module containing every linear of the group:
+   ``self_attn`` for q/k/v, ``mlp`` for gate/up or a MoE block with its router and experts,
+   the linear itself for v->o and up->down; the whole block when the group spans it) and the
+   mean |x| of the group's input;
+2. search a over the grid: MSE between the inspected module's float output and its output with
+   the group's quantizable weights replaced by Q(w * s) / s (RTN fake quantization at the
+   configured bits/group size); unscaled is a candidate too, so a group whose scaling does not
+   help is left alone;
+3. fold: 1/s into the norm (``(offset + w) / s - offset``, offset probed, 1 for Gemma-style
+   ``(1 + w)`` norms) or the previous linear's output rows, s into the group's columns. This is
+   exact (a probe checks each norm fold). Groups the introspection marks unscalable (GQA v->o,
+   GELU between fc1 and fc2, ...) are skipped and the reason is logged and recorded.
+
+Then the clip search per linear (except q/k) on sampled inputs of the scaled block, and RTN
+with the searched clip, unless a later method in the chain quantizes weights (GPTQ): then the
+weights are left scaled and clamped in float for it.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from qcore.errors import CalibrationError
+from qcore.progress import get_logger
+from qcore.protocol import BaseQuantizer
+from qcore_awq.fold import fold_into_linear_rows, fold_into_norm, scale_columns
+from qcore_awq.search import activation_mean, apply_clip, scaled_fake_quant, search_clip, search_scale, weight_mean
+
+if TYPE_CHECKING:
+    from qcore.engine import BlockContext
+    from qcore_awq.config import AWQConfig
+
+log = get_logger("qcore.awq")
+
+#: Kinds of later chain methods that quantize the weights themselves (AWQ then leaves them float).
+WEIGHT_KINDS: tuple[str, ...] = ("weight-only", "reconstruction")
+#: Kwargs of a captured call that must not be replayed (KV caches would grow on every replay).
+DROP_KWARGS: tuple[str, ...] = ("past_key_value", "past_key_values")
+#: Relative tolerance of the numerical check of a norm fold.
+FOLD_CHECK_RTOL = 1e-4
+
+
+def common_prefix(names: list[str]) -> str:
+    """Dotted path of the smallest module containing all ``names`` ("" = the block itself)."""
+    parts = [n.split(".") for n in names]
+    if len(parts) == 1:
+        return names[0]
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
+def first_tensor(out: Any) -> Tensor:
+    """The hidden-state output of a module that may return a tuple."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+class AWQQuantizer(BaseQuantizer):
+    config: AWQConfig
+
+    def __init__(self, config: Any, spec: Any) -> None:
+        super().__init__(config, spec)
+        self.blocks: list[dict[str, Any]] = []
+        #: Test hook: stop after the exact fold (no clip, no quantization).
+        self.fold_only = False
+
+    # -- engine hooks --------------------------------------------------------------------------
+    def process_block(self, block: BlockContext) -> None:
+        if block.inputs is None:
+            raise CalibrationError("awq needs calibration data: pass calibration=... (texts, a file or "
+                                   "CalibrationData) and a tokenizer to qcore.quantize")
+        cfg = self.config
+        t0 = time.perf_counter()
+        names = self._quantizable(block)
+        groups = self.scale_block(block, names)
+        t1 = time.perf_counter()
+        rec: dict[str, Any] = {"block": block.index, "groups": groups, "scale_search_s": round(t1 - t0, 3)}
+        if self.fold_only:
+            self.blocks.append(rec)
+            return
+        shrinks = self.clip_block(block, names) if cfg.clip_search else {}
+        t2 = time.perf_counter()
+        defer = any(k in WEIGHT_KINDS for k in block.run.later_kinds())
+        self.finish_block(block, names, shrinks, defer)
+        t3 = time.perf_counter()
+        rec.update({"clip_search_s": round(t2 - t1, 3), "quantize_s": round(t3 - t2, 3),
+                    "search_s": round(t2 - t0, 3), "deferred_to_later_method": defer,
+                    "clipped_fraction": {n: round(float((s < 1).float().mean()), 4) for n, s in shrinks.items()}})
+        self.blocks.append(rec)
+        log.info("awq block %d: scale search %.2f s, clip search %.2f s (%s)", block.index, t1 - t0, t2 - t1,
+                 ", ".join(f"{g['role']}: {g['status']}" for g in groups))
+
+    def record(self) -> dict[str, Any]:
+        total = sum(b.get("search_s", b["scale_search_s"]) for b in self.blocks)
+        return {"search_seconds_total": round(total, 3), "blocks": self.blocks}
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _quantizable(self, block: BlockContext) -> list[str]:
+        if hasattr(block, "quantizable"):
+            return list(block.quantizable(self.config))
+        return [n for n, li in block.info.linears.items() if li.role != "router"]
+
+    def _fake_quant(self) -> Callable[[Tensor], Tensor]:
+        from qcore.quant.primitives import quantize_rtn
+
+        cfg = self.config
+        return lambda w: quantize_rtn(w, cfg.bits, cfg.group_size, cfg.sym).dequantize()
+
+    def scale_block(self, block: BlockContext, quantizable: list[str]) -> list[dict[str, Any]]:
+        """Search and fold every scale group of the block; returns one record per group."""
+        out = []
+        for group in block.info.scale_groups:
+            rec: dict[str, Any] = {"role": group.role, "prev": group.prev, "linears": list(group.linears)}
+            if not group.scalable:
+                rec["status"] = f"skipped: {group.reason}"
+                log.info("awq block %d: skip scale group %s (%s -> %s): %s", block.index, group.role,
+                         group.prev, ",".join(group.linears), group.reason)
+            else:
+                rec.update(self._scale_group(block, group, quantizable))
+            out.append(rec)
+        return out
+
+    def _scale_group(self, block: BlockContext, group: Any, quantizable: list[str]) -> dict[str, Any]:
+        cfg = self.config
+        root = block.module
+        targets = [n for n in group.linears if n in quantizable]
+        if not targets:
+            return {"status": "skipped: no linear of the group is quantized"}
+        span = "" if cfg.search_output == "block" else common_prefix(list(group.linears))
+        module = root if span == "" else root.get_submodule(span)
+        calls, stats = self._capture(block, module if span else None, list(group.linears))
+        best = max(stats.values(), key=lambda st: st[1])
+        if best[1] == 0:
+            return {"status": "skipped: no calibration token reaches this group"}
+        x_mean = best[0] / best[1]
+        linears = {n: block.linear(n) for n in group.linears}
+        originals = {n: linears[n].weight.detach().clone() for n in targets}
+        w_mean = weight_mean([originals[n] for n in targets], cfg.group_size)
+        fq = self._fake_quant()
+
+        def run() -> list[Tensor]:
+            if span == "":
+                return [o.float() for o in block.forward()]
+            return [first_tensor(module(*a, **k)).float() for a, k in calls]
+
+        with torch.no_grad():
+            ref = run()
+            numel = sum(r.numel() for r in ref)
+
+            def loss(s: Tensor) -> float:
+                for n in targets:
+                    w = originals[n]
+                    linears[n].weight.data = scaled_fake_quant(w.float(), s, fq).to(w.dtype)
+                try:
+                    outs = run()
+                finally:
+                    for n in targets:
+                        linears[n].weight.data = originals[n]
+                return float(sum((o - r).pow(2).sum() for o, r in zip(outs, ref))) / max(numel, 1)
+
+            s, alpha, losses, base = search_scale(x_mean, w_mean, loss, cfg.n_grid, cfg.duo_scaling)
+        rec: dict[str, Any] = {"alpha": alpha, "loss_unscaled": base,
+                               "loss_best": min([base, *losses])}
+        if alpha is None:
+            rec["status"] = "kept unscaled (no scale beat it)"
+            return rec
+        why = self.fold(block, group, s)
+        rec["status"] = "scaled" if why is None else f"skipped: {why}"
+        return rec
+
+    def _capture(self, block: BlockContext, module: nn.Module | None, linears: list[str]
+                 ) -> tuple[list[tuple[tuple, dict]], dict[str, list]]:
+        """Run the block once; keep ``module``'s call args and each linear's sum|x| and token count."""
+        calls: list[tuple[tuple, dict]] = []
+        stats: dict[str, list] = {n: [0.0, 0] for n in linears}
+        handles = []
+        if module is not None:
+            def keep(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                kw = {k: (None if k in DROP_KWARGS else v) for k, v in kwargs.items()}
+                calls.append((args, kw))
+            handles.append(module.register_forward_pre_hook(keep, with_kwargs=True))
+        for n in linears:
+            def acc(_m: nn.Module, args: tuple, n: str = n) -> None:
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                if x.shape[0]:
+                    stats[n][0] = stats[n][0] + x.abs().sum(0)
+                    stats[n][1] += x.shape[0]
+            handles.append(block.linear(n).register_forward_pre_hook(acc))
+        try:
+            with torch.no_grad():
+                block.forward()
+        finally:
+            for h in handles:
+                h.remove()
+        return calls, stats
+
+    def fold(self, block: BlockContext, group: Any, s: Tensor) -> str | None:
+        """Divide the group's producer by ``s`` and scale its linears' columns by ``s`` (exactly).
+
+        Returns None, or why the group could not be folded (then nothing was changed)."""
+        root = block.module
+        if group.prev is None:
+            return "no producing op to fold into"
+        prev = root.get_submodule(group.prev)
+        with torch.no_grad():
+            if group.prev_kind == "norm":
+                why = fold_norm(prev, s, getattr(group, "norm_offset", None))
+                if why is not None:
+                    return why
+            elif group.prev_kind == "linear":
+                if prev.weight.shape[0] != s.numel():
+                    return f"{group.prev} has {prev.weight.shape[0]} outputs but the group reads {s.numel()}"
+                w, b = fold_into_linear_rows(prev.weight.data, None if prev.bias is None else prev.bias.data, s)
+                prev.weight.data = w
+                if b is not None:
+                    prev.bias.data = b
+            else:
+                return f"unknown producer kind {group.prev_kind!r}"
+            for n in group.linears:
+                lin = block.linear(n)
+                lin.weight.data = scale_columns(lin.weight.data, s)
+        return None
+
+    def clip_block(self, block: BlockContext, names: list[str]) -> dict[str, Tensor]:
+        """Per-(row, group) shrink for each quantizable linear except q/k, on sampled inputs."""
+        cfg = self.config
+        skip = set(cfg.clip_skip_roles)
+        todo = [n for n in names if block.info.linears[n].role.split(".")[-1] not in skip]
+        if not todo:
+            return {}
+        n_batches = max(1, len(block.inputs or []))
+        per_batch = max(1, -(-cfg.n_clip_samples // n_batches))
+        samples: dict[str, list[Tensor]] = {n: [] for n in todo}
+        gen = torch.Generator().manual_seed(block.index)
+        handles = []
+        for n in todo:
+            def keep(_m: nn.Module, args: tuple, n: str = n) -> None:
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                if x.shape[0] > per_batch:
+                    x = x[torch.randperm(x.shape[0], generator=gen)[:per_batch].to(x.device)]
+                samples[n].append(x.float().cpu())
+            handles.append(block.linear(n).register_forward_pre_hook(keep))
+        try:
+            with torch.no_grad():
+                block.forward()
+        finally:
+            for h in handles:
+                h.remove()
+        fq = self._fake_quant()
+        shrinks = {}
+        for n in todo:
+            if not samples[n] or sum(x.shape[0] for x in samples[n]) == 0:
+                continue
+            x = torch.cat(samples[n])[: cfg.n_clip_samples]
+            w = block.linear(n).weight.detach().float().cpu()
+            shrinks[n], _ = search_clip(w, x, cfg.group_size, cfg.sym, fq, cfg.clip_grid, cfg.clip_max_shrink)
+        return shrinks
+
+    def finish_block(self, block: BlockContext, names: list[str], shrinks: dict[str, Tensor], defer: bool) -> None:
+        """RTN with the searched clip, or (a weight method follows) clamp in float and hand over."""
+        from qcore.quant.primitives import quantize_rtn
+
+        cfg = self.config
+        for n in names:
+            lin = block.linear(n)
+            shrink = shrinks.get(n)
+            if defer:
+                if shrink is not None:
+                    w = lin.weight.data
+                    lin.weight.data = apply_clip(w.float(), shrink.to(w.device), cfg.group_size, cfg.sym).to(w.dtype)
+                continue
+            w = lin.weight.detach().float()
+            clip = 1.0 if shrink is None else shrink.to(w.device)
+            block.quantize_linear(n, quantize_rtn(w, cfg.bits, cfg.group_size, cfg.sym, clip=clip))
+
+
+def norm_offset(norm: nn.Module) -> float:
+    """``c`` in ``y = n(x) * (c + w) + b``, probed numerically (0 plain, 1 Gemma-style)."""
+    weight = norm.weight
+    bias = getattr(norm, "bias", None)
+    saved_w = weight.data.clone()
+    saved_b = None if bias is None else bias.data.clone()
+    x = torch.randn(4, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight)
+    try:
+        if bias is not None:
+            bias.data.zero_()
+        weight.data.zero_()
+        y0 = norm(x).float()
+        weight.data.fill_(1.0)
+        y1 = norm(x).float()
+    finally:
+        weight.data = saved_w
+        if bias is not None:
+            bias.data = saved_b
+    n = y1 - y0
+    return float((y0 * n).sum() / (n * n).sum().clamp_min(1e-30))
+
+
+def fold_norm(norm: nn.Module, s: Tensor, offset: float | None = None) -> str | None:
+    """Fold 1/s into a norm's weight (and bias); checks the result numerically, undoes on failure.
+
+    ``offset``: the norm computes ``x_hat * (offset + weight)`` (from introspection); probed
+    when None."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 1:
+        return f"norm {type(norm).__name__} has no per-channel weight to fold into"
+    if weight.numel() != s.numel():
+        return f"norm has {weight.numel()} channels but the group reads {s.numel()}"
+    bias = getattr(norm, "bias", None)
+    if offset is None:
+        offset = norm_offset(norm)
+        if abs(offset - round(offset)) > 1e-3:
+            return f"norm {type(norm).__name__} is not of the form n(x) * (c + w) (probe gave c={offset:.4f})"
+        offset = float(round(offset))
+    x = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(1)).to(weight)
+    before = norm(x).float()
+    saved_w = weight.data.clone()
+    saved_b = None if bias is None else bias.data.clone()
+    w, b = fold_into_norm(weight.data, None if bias is None else bias.data, s, offset)
+    weight.data = w
+    if bias is not None and b is not None:
+        bias.data = b
+    after = norm(x).float()
+    expect = before / s.to(before)
+    if not torch.allclose(after, expect, rtol=FOLD_CHECK_RTOL, atol=FOLD_CHECK_RTOL * float(expect.abs().max())):
+        weight.data = saved_w
+        if bias is not None:
+            bias.data = saved_b
+        return f"folding into norm {type(norm).__name__} is not exact (output check failed)"
+    return None

@@ -1,0 +1,218 @@
+"""Matmul backends for :class:`qcore.quant.linear.QuantLinear` (pure functions + small packs).
+
+Every backend computes ``x @ w_hat.T`` for ``w_hat = (codes - zeros[g]) * scales[g]``:
+
+* ``int4_cpu``: torch's packed int4 CPU kernel (``_convert_weight_to_int4pack_for_cpu`` +
+  ``_weight_int4pack_mm_for_cpu``) for 1- to 4-bit codes (a 2- or 3-bit code is a valid 4-bit
+  code), bf16 activations (cast in and out: fp32 activations make that kernel ~10x slower).
+  The kernel computes ``(q' - 8) * scale + offset`` per group, so our ``(q - z) * s`` becomes
+  ``q' = q + shift`` and ``offset = (8 - shift - z) * s``; its group must be 32/64/128/256, so a
+  larger group (or per-channel) is expressed with repeated scales. Act-order ``g_idx`` whose
+  groups each hold ``group_size`` columns is handled by permuting the weight columns once and
+  the activation columns per call.
+* ``int8_cpu``: ``_weight_int8pack_mm`` (8 bits, per-channel); an asymmetric zero point is a
+  rank-1 correction ``rowsum(x) * (128 - z) * s``.
+* ``w8a8``: dynamic per-token int8 activations times int8 per-channel weights. Small batches use
+  ``_weight_int8pack_mm`` on the (exactly representable) integer activation codes, larger ones
+  ``torch._int_mm`` with exact int32 accumulation; both rescale by the per-token scale.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+INT4_CPU_GROUPS: tuple[int, ...] = (256, 128, 64, 32)
+W8A8_SMALL_BATCH = 8
+"""Rows up to which the CPU w8a8 path uses ``_weight_int8pack_mm`` instead of ``torch._int_mm``."""
+
+
+def has_int4_cpu() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+def has_int8_cpu() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def _act_order_perm(g_idx: Tensor, group_size: int, in_features: int) -> Tensor | None:
+    """A column permutation making act-order groups contiguous, or None if groups are uneven."""
+    gs = in_features if group_size == -1 else group_size
+    counts = torch.bincount(g_idx.long().cpu(), minlength=in_features // gs)
+    if counts.numel() != in_features // gs or bool((counts != gs).any()):
+        return None
+    return torch.argsort(g_idx.long(), stable=True)
+
+
+def int4_cpu_reason(in_features: int, out_features: int, bits: int, group_size: int,
+                    g_idx: Tensor | None) -> str | None:
+    """Why the int4 CPU kernel cannot run this layer (None when it can)."""
+    if bits > 4:
+        return f"{bits}-bit weights (kernel takes codes of at most 4 bits)"
+    if not has_int4_cpu():
+        return "this torch has no _weight_int4pack_mm_for_cpu"
+    gs = in_features if group_size == -1 else group_size
+    if not any(gs % kg == 0 for kg in INT4_CPU_GROUPS):
+        return f"group size {gs} is not a multiple of 32"
+    if in_features % 2 or out_features % 16:
+        return "in_features must be even and out_features a multiple of 16"
+    if g_idx is not None and _act_order_perm(g_idx, group_size, in_features) is None:
+        return "act-order groups of unequal size"
+    return None
+
+
+@dataclass
+class Int4CpuPack:
+    packed: Tensor          # uint8 [N, K/2], the kernel's layout
+    scale_zeros: Tensor     # bf16 [K/kgroup, N, 2]
+    kgroup: int
+    perm: Tensor | None     # activation column permutation (act-order) or None
+    shift: int = 0          # added to codes of fewer than 4 bits (centres them on the kernel's 8)
+
+
+def build_int4_cpu(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                   g_idx: Tensor | None = None, bits: int = 4) -> Int4CpuPack:
+    """The kernel's pack. Codes of fewer than 4 bits are shifted by ``8 - 2**(bits-1)`` so that
+    ``q' - 8`` stays as small as ``q - z`` (the bf16 offset then cancels less: 2-bit error ~4x lower).
+    """
+    n, k = codes.shape
+    shift = 8 - 2 ** (bits - 1) if bits < 4 else 0
+    gs = k if group_size == -1 else group_size
+    kgroup = next(kg for kg in INT4_CPU_GROUPS if gs % kg == 0)
+    rep = gs // kgroup
+    s = scales.float().repeat_interleave(rep, dim=1)
+    z = zeros.float().repeat_interleave(rep, dim=1)
+    perm = None
+    c = codes
+    if g_idx is not None:
+        perm = _act_order_perm(g_idx, group_size, k)
+        assert perm is not None, "int4_cpu_reason() must be checked first"
+        c = codes[:, perm]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((c.to(torch.int32) + shift).contiguous(), 2)
+    # kernel: (q' - 8) * s + offset == (q - z) * s  with  q' = q + shift
+    sz = torch.stack([s.t(), ((8.0 - shift - z) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+    return Int4CpuPack(packed, sz, kgroup, perm, shift)
+
+
+def int4_cpu_mm(x: Tensor, pack: Int4CpuPack) -> Tensor:
+    """``x [M, K] -> [M, N]`` in x's dtype."""
+    xb = x if pack.perm is None else x.index_select(-1, pack.perm)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        xb.to(torch.bfloat16).contiguous(), pack.packed, pack.kgroup, pack.scale_zeros)
+    return y.to(x.dtype)
+
+
+_INT4_ROW_BLOCK = 64
+"""When out_features is a multiple of this, the kernel packs each block of rows independently."""
+
+
+@functools.lru_cache(maxsize=8)
+def _int4_cpu_slot_sources(n: int, k: int) -> Tensor:
+    """For each 4-bit slot of the kernel's ``[n, k/2]`` uint8 pack, the flat index of its code.
+
+    The layout is a fixed permutation of slots that depends only on the shape, so it is found
+    by packing the bits of each position's index, 4 bits per probe.
+    """
+    idx = torch.arange(n * k, dtype=torch.int64).reshape(n, k)
+    src = torch.zeros(n * k, dtype=torch.int64)
+    shift = 0
+    while (1 << shift) < n * k:
+        probe = ((idx >> shift) & 15).to(torch.int32)
+        p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 2).reshape(-1)
+        src |= torch.stack([p & 15, p >> 4], dim=-1).reshape(-1).to(torch.int64) << shift
+        shift += 4
+    return src
+
+
+def recover_int4_cpu_codes(pack: Int4CpuPack, n: int, k: int) -> Tensor:
+    """The uint8 ``[N, K]`` codes held in a kernel pack (in the original column order)."""
+    rows = _INT4_ROW_BLOCK if n % _INT4_ROW_BLOCK == 0 else n
+    src = _int4_cpu_slot_sources(rows, k)
+    flat = pack.packed.reshape(n // rows, rows * k // 2)
+    vals = torch.stack([flat & 15, flat >> 4], dim=-1).reshape(n // rows, rows * k)
+    out = torch.empty_like(vals)
+    out[:, src] = vals - pack.shift if pack.shift else vals
+    out = out.reshape(n, k)
+    if pack.perm is not None:
+        restored = torch.empty_like(out)
+        restored[:, pack.perm] = out
+        out = restored
+    return out
+
+
+def int4_cpu_scales_zeros(pack: Int4CpuPack, group_size: int, k: int) -> tuple[Tensor, Tensor]:
+    """float32 ``(scales, zeros)`` ``[N, n_groups]`` as the kernel sees them (bf16 scales; zeros
+    rounded to integers: exact for integer zero points, which the caller checks)."""
+    gs = k if group_size == -1 else group_size
+    sz = pack.scale_zeros[:: gs // pack.kgroup].float()
+    s = sz[..., 0]
+    z = (8.0 - pack.shift) - torch.round(sz[..., 1] / s)
+    return s.t().contiguous(), z.t().contiguous()
+
+
+INT8_K_MULTIPLE = 16
+"""``_weight_int8pack_mm`` (torch 2.13 CPU) segfaults for more than one row unless in_features is a
+multiple of this (measured: K = 100, 164, 168, 172, 180 crash; 160, 176, 192 run)."""
+
+
+def int8_reason(bits: int, group_size: int, in_features: int | None = None) -> str | None:
+    if bits != 8:
+        return f"{bits}-bit weights (kernel is 8-bit only)"
+    if group_size != -1:
+        return "grouped 8-bit weights (kernel is per-channel only)"
+    if in_features is not None and in_features % INT8_K_MULTIPLE:
+        return f"in_features {in_features} is not a multiple of {INT8_K_MULTIPLE} (the int8 kernel crashes)"
+    if not has_int8_cpu():
+        return "this torch has no _weight_int8pack_mm"
+    return None
+
+
+@dataclass
+class Int8Pack:
+    weight: Tensor          # int8 [N, K] = codes - 128
+    scales: Tensor          # float32 [N]
+    offset: Tensor | None   # float32 [N] = (128 - z) * s, None when all zero (symmetric)
+
+
+def build_int8(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor | None = None) -> Int8Pack:
+    """Per-channel 8-bit codes (``g_idx`` is irrelevant with one group)."""
+    w = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+    s = scales.float().reshape(-1)
+    off = (128.0 - zeros.float().reshape(-1)) * s
+    return Int8Pack(w, s, None if bool((off == 0).all()) else off)
+
+
+def int8_codes(pack: Int8Pack) -> Tensor:
+    """The uint8 codes held in an :class:`Int8Pack`."""
+    return (pack.weight.to(torch.int16) + 128).to(torch.uint8)
+
+
+def int8_weight_mm(x: Tensor, pack: Int8Pack) -> Tensor:
+    """``x [M, K] -> [M, N]`` with bf16 compute (fp32 activations make the kernel ~20x slower)."""
+    xb = x.to(torch.bfloat16)
+    y = torch.ops.aten._weight_int8pack_mm(xb, pack.weight, pack.scales.to(torch.bfloat16)).float()
+    if pack.offset is not None:
+        y = y + x.float().sum(-1, keepdim=True) * pack.offset
+    return y.to(x.dtype)
+
+
+def w8a8_mm(xq: Tensor, sx: Tensor, pack: Int8Pack, out_dtype: torch.dtype,
+            use_int_mm: bool | None = None) -> Tensor:
+    """int8 activations ``xq [M, K]`` (per-token scale ``sx [M, 1]``) times int8 weights."""
+    m = xq.shape[0]
+    if use_int_mm is None:
+        use_int_mm = xq.is_cuda or m > W8A8_SMALL_BATCH
+    if use_int_mm:
+        pad = 17 - m if (xq.is_cuda and m < 17) else 0  # CUDA _int_mm needs M > 16
+        a = torch.nn.functional.pad(xq, (0, 0, 0, pad)) if pad else xq
+        acc = torch._int_mm(a.contiguous(), pack.weight.t())[:m].float()
+        y = acc * pack.scales
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(
+            xq.to(torch.bfloat16), pack.weight, pack.scales.to(torch.bfloat16)).float()
+    if pack.offset is not None:
+        y = y + xq.float().sum(-1, keepdim=True) * pack.offset
+    return (y * sx).to(out_dtype)
