@@ -10,7 +10,7 @@ import torch
 from qcore.testing import MethodConformance, requires_shared
 
 from qcore.quant.primitives import quantize_rtn
-from qcore_awq.fold import fold_into_linear_rows, fold_into_norm, scale_columns
+from qcore.fold import fold_into_linear_rows, fold_into_norm, scale_columns
 from qcore_awq.search import (
     activation_mean,
     alpha_grid,

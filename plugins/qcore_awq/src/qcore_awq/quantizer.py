@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from qcore.errors import CalibrationError
 from qcore.progress import get_logger
 from qcore.protocol import BaseQuantizer
-from qcore_awq.fold import fold_into_linear_rows, fold_into_norm, scale_columns
+from qcore.fold import fold_scale_group
 from qcore_awq.search import activation_mean, apply_clip, scaled_fake_quant, search_clip, search_scale, weight_mean
 
 if TYPE_CHECKING:
@@ -46,7 +46,6 @@ WEIGHT_KINDS: tuple[str, ...] = ("weight-only", "reconstruction")
 #: Kwargs of a captured call that must not be replayed (KV caches would grow on every replay).
 DROP_KWARGS: tuple[str, ...] = ("past_key_value", "past_key_values")
 #: Relative tolerance of the numerical check of a norm fold.
-FOLD_CHECK_RTOL = 1e-4
 
 
 def common_prefix(names: list[str]) -> str:
@@ -212,28 +211,7 @@ class AWQQuantizer(BaseQuantizer):
         """Divide the group's producer by ``s`` and scale its linears' columns by ``s`` (exactly).
 
         Returns None, or why the group could not be folded (then nothing was changed)."""
-        root = block.module
-        if group.prev is None:
-            return "no producing op to fold into"
-        prev = root.get_submodule(group.prev)
-        with torch.no_grad():
-            if group.prev_kind == "norm":
-                why = fold_norm(prev, s, getattr(group, "norm_offset", None))
-                if why is not None:
-                    return why
-            elif group.prev_kind == "linear":
-                if prev.weight.shape[0] != s.numel():
-                    return f"{group.prev} has {prev.weight.shape[0]} outputs but the group reads {s.numel()}"
-                w, b = fold_into_linear_rows(prev.weight.data, None if prev.bias is None else prev.bias.data, s)
-                prev.weight.data = w
-                if b is not None:
-                    prev.bias.data = b
-            else:
-                return f"unknown producer kind {group.prev_kind!r}"
-            for n in group.linears:
-                lin = block.linear(n)
-                lin.weight.data = scale_columns(lin.weight.data, s)
-        return None
+        return fold_scale_group(block.module, group, s, block.linear)
 
     def clip_block(self, block: BlockContext, names: list[str]) -> dict[str, Tensor]:
         """Per-(row, group) shrink for each quantizable linear except q/k, on sampled inputs."""
@@ -288,57 +266,3 @@ class AWQQuantizer(BaseQuantizer):
             block.quantize_linear(n, quantize_rtn(w, cfg.bits, cfg.group_size, cfg.sym, clip=clip))
 
 
-def norm_offset(norm: nn.Module) -> float:
-    """``c`` in ``y = n(x) * (c + w) + b``, probed numerically (0 plain, 1 Gemma-style)."""
-    weight = norm.weight
-    bias = getattr(norm, "bias", None)
-    saved_w = weight.data.clone()
-    saved_b = None if bias is None else bias.data.clone()
-    x = torch.randn(4, weight.numel(), generator=torch.Generator().manual_seed(0)).to(weight)
-    try:
-        if bias is not None:
-            bias.data.zero_()
-        weight.data.zero_()
-        y0 = norm(x).float()
-        weight.data.fill_(1.0)
-        y1 = norm(x).float()
-    finally:
-        weight.data = saved_w
-        if bias is not None:
-            bias.data = saved_b
-    n = y1 - y0
-    return float((y0 * n).sum() / (n * n).sum().clamp_min(1e-30))
-
-
-def fold_norm(norm: nn.Module, s: Tensor, offset: float | None = None) -> str | None:
-    """Fold 1/s into a norm's weight (and bias); checks the result numerically, undoes on failure.
-
-    ``offset``: the norm computes ``x_hat * (offset + weight)`` (from introspection); probed
-    when None."""
-    weight = getattr(norm, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 1:
-        return f"norm {type(norm).__name__} has no per-channel weight to fold into"
-    if weight.numel() != s.numel():
-        return f"norm has {weight.numel()} channels but the group reads {s.numel()}"
-    bias = getattr(norm, "bias", None)
-    if offset is None:
-        offset = norm_offset(norm)
-        if abs(offset - round(offset)) > 1e-3:
-            return f"norm {type(norm).__name__} is not of the form n(x) * (c + w) (probe gave c={offset:.4f})"
-        offset = float(round(offset))
-    x = torch.randn(4, s.numel(), generator=torch.Generator().manual_seed(1)).to(weight)
-    before = norm(x).float()
-    saved_w = weight.data.clone()
-    saved_b = None if bias is None else bias.data.clone()
-    w, b = fold_into_norm(weight.data, None if bias is None else bias.data, s, offset)
-    weight.data = w
-    if bias is not None and b is not None:
-        bias.data = b
-    after = norm(x).float()
-    expect = before / s.to(before)
-    if not torch.allclose(after, expect, rtol=FOLD_CHECK_RTOL, atol=FOLD_CHECK_RTOL * float(expect.abs().max())):
-        weight.data = saved_w
-        if bias is not None:
-            bias.data = saved_b
-        return f"folding into norm {type(norm).__name__} is not exact (output check failed)"
-    return None
