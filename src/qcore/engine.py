@@ -57,7 +57,7 @@ Inputs = list[tuple[tuple, dict]]
 
 
 class _StopCapture(Exception):
-    """Raised by the recorder of the last block to end the capture pass."""
+    """Cuts a forward pass short once what it was run for is recorded."""
 
 
 # -- small helpers -----------------------------------------------------------------------------------
@@ -192,7 +192,14 @@ class BlockContext:
     @property
     def float_outputs(self) -> list[Tensor] | None:
         """The block's outputs before any quantizer of the chain changed it (``None`` without
-        calibration data)."""
+        calibration data). Computed before the chain touches the block only when some quantizer
+        of the chain sets ``needs_float_outputs = True`` (or ``propagate="float"``): an extra
+        forward pass per block that methods not using it should not pay."""
+        if self._float_outputs is None and self.inputs is not None:
+            raise CalibrationError(
+                f"block {self.name}: float_outputs was not computed; set the class attribute "
+                "needs_float_outputs = True on the quantizer that reads it"
+            )
         return self._float_outputs
 
     def _compute_float_outputs(self) -> None:
@@ -259,8 +266,12 @@ class BlockContext:
 
     # -- statistics -------------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, names: Sequence[str], stat: str) -> dict[str, Any]:
+    def collect(self, names: Sequence[str], stat: str, stop_early: bool = True) -> dict[str, Any]:
         """Run the block on all captured inputs and gather ``stat`` of each linear's INPUT.
+
+        With ``stop_early`` (default) each batch's forward is cut off as soon as every named
+        linear has been reached (q/k/v need almost none of the block, ``down`` most of it); sets
+        holding MoE experts always run the whole block, since an expert may get no tokens.
 
         Returns ``{name: value}``; value by ``stat``:
         ``"hessian"``: ``{"hessian": H, "nsamples": n}``, H float32 ``[in, in]`` = 2/n sum x x^T
@@ -274,8 +285,12 @@ class BlockContext:
         acc: dict[str, dict[str, Any]] = {n: {"n": 0, "v": None} for n in names}
         handles = []
 
+        experts = any(getattr(self.info.linears.get(n), "expert", None) is not None for n in names)
+        stop = stop_early and not experts
+        pending: set[str] = set()
+
         def make_hook(lname: str):
-            def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            def hook(module: nn.Module, args: tuple) -> None:
                 x = args[0].detach()
                 x = x.reshape(-1, x.shape[-1]).float()
                 a = acc[lname]
@@ -292,13 +307,20 @@ class BlockContext:
                     s = x.abs().sum(dim=0)
                     a["v"] = s if a["v"] is None else a["v"].add_(s)
                 a["n"] += t
+                pending.discard(lname)
+                if stop and not pending:
+                    raise _StopCapture
             return hook
 
         for lname in names:
-            handles.append(self.linear(lname).register_forward_hook(make_hook(lname)))
+            handles.append(self.linear(lname).register_forward_pre_hook(make_hook(lname)))
         try:
             for i in range(len(inputs)):
-                self.call(i)
+                pending.update(names)
+                try:
+                    self.call(i)
+                except _StopCapture:
+                    pass
         finally:
             for h in handles:
                 h.remove()
@@ -538,7 +560,8 @@ def _process_block(run: RunContext, index: int, binfo: BlockInfo, hidden: list[T
         inputs = _block_inputs(hidden, template, device) if hidden is not None and template is not None else None
         del hidden  # the caller's list is replaced by this block's outputs below
         block = BlockContext(index, binfo, run, inputs)
-        block._compute_float_outputs()
+        if run.propagate == "float" or any(getattr(q, "needs_float_outputs", False) for q in run.chain):
+            block._compute_float_outputs()
         for pos, q in enumerate(run.chain):
             run.position = pos
             q.process_block(block)

@@ -44,6 +44,9 @@ class Quantizer(Protocol):
 class BaseQuantizer:
     """Convenience base: stores config and spec, no-op hooks."""
 
+    #: set True when ``process_block`` reads ``block.float_outputs`` (costs one forward per block)
+    needs_float_outputs: bool = False
+
     def __init__(self, config: QuantConfig, spec: MethodSpec) -> None:
         self.config = config
         self.spec = spec

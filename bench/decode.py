@@ -1,0 +1,92 @@
+"""End-to-end greedy decoding speed of the default model: float against 4-bit, in one run.
+
+Loads SmolLM2-135M (``qcore.models.load_model``), makes float32 and bfloat16 copies and 4-bit
+copies (RTN, group 32 and 64: no calibration, the same packed format and kernels every weight
+method produces), then decodes ``--new-tokens`` tokens greedily with the KV cache after a fixed
+prompt, round-robin over the variants for ``--rounds`` rounds, and prints tokens/s (median) and
+the speedup over float32. The prompt is prefilled once per generate call and its time is
+included; ``--new-tokens`` large against the prompt keeps decode dominant.
+
+    OMP_NUM_THREADS=2 QCORE_PROGRESS=0 .venv/bin/python bench/decode.py [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import qcore  # noqa: E402
+from qcore.eval import format_table  # noqa: E402
+from qcore.models import DEFAULT_MODEL, load_model  # noqa: E402
+
+PROMPT = "Once upon a time, in a small town by the sea, there lived"
+
+
+def variants(model: nn.Module, groups: list[int]) -> dict[str, nn.Module]:
+    """name -> model: float32, bfloat16 and RTN 4-bit at each group size."""
+    out = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
+    for g in groups:
+        q = copy.deepcopy(model)
+        qcore.quantize(q, "rtn", bits=4, group_size=g)
+        out[f"rtn w4 g{g}"] = q
+    return out
+
+
+@torch.no_grad()
+def decode_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                         pad_token_id=model.config.eos_token_id)
+    return time.perf_counter() - start, out[0, ids.shape[1]:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--groups", default="32,64", help="comma-separated group sizes for the 4-bit rows")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    models = variants(model, [int(g) for g in args.groups.split(",") if g])
+    times: dict[str, list[float]] = {k: [] for k in models}
+    texts: dict[str, str] = {}
+    for name, m in models.items():  # warm-up: kernel packs, caches
+        decode_seconds(m, ids, 4)
+    for _ in range(args.rounds):
+        for name, m in models.items():
+            sec, toks = decode_seconds(m, ids, args.new_tokens)
+            times[name].append(sec)
+            texts[name] = tok.decode(toks[:24])
+    base = args.new_tokens / statistics.median(times["float32"])
+    rows: list[dict[str, Any]] = []
+    for name, ts in times.items():
+        tps = args.new_tokens / statistics.median(ts)
+        rows.append({"variant": name, "tokens/s": round(tps, 1), "vs float32": f"{tps / base:.2f}x",
+                     "first tokens": texts[name][:40].replace("\n", " ")})
+    load = os.getloadavg()[0]
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.model}, prompt {ids.shape[1]} tokens, "
+          f"{args.new_tokens} new tokens, median of {args.rounds} rounds, load average {load:.1f}")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "times": times}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
