@@ -208,16 +208,6 @@ def test_float_zero_points_keep_their_buffers() -> None:
     assert torch.equal(mod.state_dict()["qzeros"], zeros)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_dense() -> None:
-    mod, _ = make(4, 64, False)
-    x = torch.randn(2, 256)
-    y = mod(x)
-    mod.cuda()
-    assert mod.select_backend() == "dense"
-    assert rel(mod(x.cuda()).cpu(), y) < BACKEND_RTOL
-
-
 # -- activation quantization -----------------------------------------------------------------------
 def test_actquant_validation() -> None:
     with pytest.raises(ConfigError, match="use one of"):

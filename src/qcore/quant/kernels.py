@@ -10,6 +10,9 @@ Every backend computes ``x @ w_hat.T`` for ``w_hat = (codes - zeros[g]) * scales
   larger group (or per-channel) is expressed with repeated scales. Act-order ``g_idx`` whose
   groups each hold ``group_size`` columns is handled by permuting the weight columns once and
   the activation columns per call.
+* ``int4_cuda``: the same math through torch's CUDA int4 kernel (``_convert_weight_to_int4pack``
+  on two codes per byte + ``_weight_int4pack_mm``, bf16; compute capability 8.0 or newer;
+  in_features a multiple of 32, out_features of 8; see :func:`int4_cuda_reason`).
 * ``int8_cpu``: ``_weight_int8pack_mm`` (8 bits, per-channel); an asymmetric zero point is a
   rank-1 correction ``rowsum(x) * (128 - z) * s``.
 * ``w8a8``: dynamic per-token int8 activations times int8 per-channel weights. Small batches use
@@ -25,6 +28,11 @@ import torch
 from torch import Tensor
 
 INT4_CPU_GROUPS: tuple[int, ...] = (256, 128, 64, 32)
+INT4_CUDA_MAX_ROWS = 256
+"""Above this many rows ``int4_cuda`` dequantizes the weight per call and runs a dense matmul
+(H200, bench/kernels_cuda.py: the int4 kernel wins up to 128 rows, the per-call dequantize at 512)."""
+INT4_CUDA_INNER_K_TILES: tuple[int, ...] = (8, 4, 2)
+"""Tilings the CUDA int4 kernel accepts; in_features must be a multiple of 16 x tiles."""
 W8A8_SMALL_BATCH = 8
 """Rows up to which the CPU w8a8 path uses ``_weight_int8pack_mm`` instead of ``torch._int_mm``."""
 
@@ -73,11 +81,12 @@ class Int4CpuPack:
     shift: int = 0          # added to codes of fewer than 4 bits (centres them on the kernel's 8)
 
 
-def build_int4_cpu(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
-                   g_idx: Tensor | None = None, bits: int = 4) -> Int4CpuPack:
-    """The kernel's pack. Codes of fewer than 4 bits are shifted by ``8 - 2**(bits-1)`` so that
-    ``q' - 8`` stays as small as ``q - z`` (the bf16 offset then cancels less: 2-bit error ~4x lower).
-    """
+def _int4_inputs(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                 g_idx: Tensor | None, bits: int) -> tuple[Tensor, Tensor, int, Tensor | None, int]:
+    """What both int4 kernels take: shifted int32 codes (columns permuted for act-order), the bf16
+    ``[K/kgroup, N, 2]`` scale/offset table, the kernel group, the permutation and the shift.
+    Codes of fewer than 4 bits are shifted by ``8 - 2**(bits-1)`` so that ``q' - 8`` stays as
+    small as ``q - z`` (the bf16 offset then cancels less: 2-bit error ~4x lower)."""
     n, k = codes.shape
     shift = 8 - 2 ** (bits - 1) if bits < 4 else 0
     gs = k if group_size == -1 else group_size
@@ -91,9 +100,16 @@ def build_int4_cpu(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int
         perm = _act_order_perm(g_idx, group_size, k)
         assert perm is not None, "int4_cpu_reason() must be checked first"
         c = codes[:, perm]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((c.to(torch.int32) + shift).contiguous(), 2)
     # kernel: (q' - 8) * s + offset == (q - z) * s  with  q' = q + shift
     sz = torch.stack([s.t(), ((8.0 - shift - z) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+    return (c.to(torch.int32) + shift).contiguous(), sz, kgroup, perm, shift
+
+
+def build_int4_cpu(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                   g_idx: Tensor | None = None, bits: int = 4) -> Int4CpuPack:
+    """The CPU kernel's pack (see :func:`_int4_inputs`)."""
+    c, sz, kgroup, perm, shift = _int4_inputs(codes, scales, zeros, group_size, g_idx, bits)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(c, 2)
     return Int4CpuPack(packed, sz, kgroup, perm, shift)
 
 
@@ -102,6 +118,56 @@ def int4_cpu_mm(x: Tensor, pack: Int4CpuPack) -> Tensor:
     xb = x if pack.perm is None else x.index_select(-1, pack.perm)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(
         xb.to(torch.bfloat16).contiguous(), pack.packed, pack.kgroup, pack.scale_zeros)
+    return y.to(x.dtype)
+
+
+def has_int4_cuda() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack")
+
+
+def _inner_k_tiles(in_features: int) -> int | None:
+    return next((t for t in INT4_CUDA_INNER_K_TILES if in_features % (16 * t) == 0), None)
+
+
+def int4_cuda_reason(in_features: int, out_features: int, bits: int, group_size: int,
+                     g_idx: Tensor | None, device: torch.device) -> str | None:
+    """Why the CUDA int4 kernel cannot run this layer on ``device`` (None when it can)."""
+    if device.type != "cuda":
+        return "int4_cuda runs on CUDA devices only"
+    if not has_int4_cuda():
+        return "this torch has no _weight_int4pack_mm"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "the CUDA int4 kernel needs compute capability 8.0 or newer"
+    reason = int4_cpu_reason(in_features, out_features, bits, group_size, g_idx)
+    if reason and "_for_cpu" not in reason:
+        return reason
+    if _inner_k_tiles(in_features) is None or out_features % 8:
+        return "in_features must be a multiple of 32 and out_features of 8"
+    return None
+
+
+@dataclass
+class Int4CudaPack(Int4CpuPack):
+    inner_k_tiles: int = 8
+
+
+def build_int4_cuda(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                    g_idx: Tensor | None = None, bits: int = 4) -> Int4CudaPack:
+    """The CUDA kernel's pack: two codes per byte (even column high nibble), then the kernel's tiling."""
+    c, sz, kgroup, perm, shift = _int4_inputs(codes, scales, zeros, group_size, g_idx, bits)
+    tiles = _inner_k_tiles(c.shape[1])
+    assert tiles is not None, "int4_cuda_reason() must be checked first"
+    two = ((c[:, ::2] << 4) | c[:, 1::2]).to(torch.uint8).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack(two, tiles)
+    return Int4CudaPack(packed, sz, kgroup, perm, shift, tiles)
+
+
+def int4_cuda_mm(x: Tensor, pack: Int4CudaPack) -> Tensor:
+    """``x [M, K] -> [M, N]`` in x's dtype (bf16 inside the kernel)."""
+    xb = x if pack.perm is None else x.index_select(-1, pack.perm)
+    y = torch.ops.aten._weight_int4pack_mm(xb.to(torch.bfloat16).contiguous(), pack.packed, pack.kgroup,
+                                           pack.scale_zeros)
     return y.to(x.dtype)
 
 

@@ -25,11 +25,14 @@ every layer; ``"auto"`` picks per layer and device):
                 ``state_dict()``, ``codes()``, ``scales_zeros()`` or ``dequantize_weight()``.
 ``int8_cpu``    CPU, 8 bits per channel: ``_weight_int8pack_mm`` (bf16 compute); the int8
                 copy replaces ``qweight`` the same way.
-``w8a8``        CPU, 8-bit per-channel weights with dynamic per-token int8 activations
-                (:mod:`qcore.quant.kernels`). On CUDA only when forced (``torch._int_mm``,
-                not tested on a GPU).
+``int4_cuda``   CUDA (compute capability 8.0+), the same layers as ``int4_cpu``: torch's
+                CUDA int4 kernel (bf16) up to ``kernels.INT4_CUDA_MAX_ROWS`` rows, a per-call
+                dequantize + dense matmul above (faster there, no cached dense weight). The
+                packed buffers stay next to the kernel pack.
+``w8a8``        8-bit per-channel weights with dynamic per-token int8 activations
+                (:mod:`qcore.quant.kernels`); on CUDA through ``torch._int_mm``.
 ``dense``       everything else (5-7 bits, grouped 8 bits, groups not a multiple of 32,
-                out_features not a multiple of 16, act-order with uneven groups, CUDA): the
+                out_features not a multiple of 16, act-order with uneven groups): the
                 weight is dequantized ONCE and cached as a dense tensor in the activation
                 dtype. A fallback: correct and fast, but it saves no memory at run time (the
                 packed buffers stay the saved format); ``release_cache()`` frees it.
@@ -64,7 +67,10 @@ from qcore.quant.primitives import QuantizedWeight, check_bits, check_group_size
 log = get_logger("qcore.quant.linear")
 
 BACKEND_ENV = "QCORE_QLINEAR_BACKEND"
-BACKENDS: tuple[str, ...] = ("auto", "int4_cpu", "int8_cpu", "w8a8", "dense", "reference")
+BACKENDS: tuple[str, ...] = ("auto", "int4_cpu", "int4_cuda", "int8_cpu", "w8a8", "dense", "reference")
+KERNEL_BACKENDS: frozenset[str] = frozenset({"int4_cpu", "int4_cuda", "int8_cpu", "w8a8"})
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("w8a8", "int4_cpu", "int8_cpu"), "cuda": ("w8a8", "int4_cuda")}
+"""Kernels ``auto`` tries per device type, in order; ``dense`` when none can run the layer."""
 BACKEND_RTOL = 1e-2
 """Max relative error (Frobenius) of any backend's output against ``reference``."""
 FORMAT = "qcore-int32-lsb-bitstream"
@@ -251,6 +257,9 @@ class QuantLinear(nn.Module):
                 return "int4_cpu runs on CPU only"
             return kernels.int4_cpu_reason(self.in_features, self.out_features, self.bits,
                                            self.group_size, self.g_idx)
+        if backend == "int4_cuda":
+            return kernels.int4_cuda_reason(self.in_features, self.out_features, self.bits,
+                                            self.group_size, self.g_idx, device)
         if backend == "int8_cpu":
             if not cpu:
                 return "int8_cpu runs on CPU only"
@@ -258,6 +267,8 @@ class QuantLinear(nn.Module):
         if backend == "w8a8":
             if self.act is None or not self.act.integer_kernel or not self.act.dynamic:
                 return "w8a8 needs act=ActQuant(bits=8, dynamic=True, sym=True)"
+            if not cpu and self.out_features % 8:
+                return "torch._int_mm on CUDA needs out_features a multiple of 8"
             return kernels.int8_reason(self.bits, self.group_size, self.in_features)
         return f"unknown backend {backend!r}"
 
@@ -271,9 +282,7 @@ class QuantLinear(nn.Module):
                     f"QuantLinear backend {name!r} cannot run {self.extra_repr()}: {reason}; "
                     f"unset {BACKEND_ENV} / .backend or use 'dense'")
             return name
-        if (device or self._device()).type != "cpu":
-            return "dense"  # no GPU kernel is tested here; w8a8 (torch._int_mm) only when forced
-        for cand in ("w8a8", "int4_cpu", "int8_cpu"):
+        for cand in AUTO_ORDER.get((device or self._device()).type, ()):
             if self.why_not(cand, device) is None:
                 return cand
         return "dense"
@@ -292,13 +301,16 @@ class QuantLinear(nn.Module):
         if backend == "int4_cpu":
             cache = kernels.build_int4_cpu(self.codes(), self.scales, self.qzeros, self.group_size,
                                            self.g_idx, self.bits)
+        elif backend == "int4_cuda":
+            cache = kernels.build_int4_cuda(self.codes(), self.scales, self.qzeros, self.group_size,
+                                            self.g_idx, self.bits)
         elif backend in ("int8_cpu", "w8a8"):
             cache = kernels.build_int8(self.codes(), self.scales, self.qzeros)
         else:
             log.debug("%s: caching a dense %s weight (no run-time memory saving)", self.extra_repr(), dtype)
             cache = self.dequantize_weight().to(device=device, dtype=dtype)
         self._cache, self._cache_key = cache, key
-        if backend != "dense" and self.release_qweight:
+        if backend not in ("dense", "int4_cuda") and self.release_qweight:  # the CUDA pack is not read back
             self._release("qweight")
             if backend == "int4_cpu":
                 s, z = kernels.int4_cpu_scales_zeros(cache, self.group_size, self.in_features)
@@ -329,7 +341,7 @@ class QuantLinear(nn.Module):
         backend = self.select_backend(x.device)
         if self.act is not None and backend != "w8a8":
             x2 = fake_quant_act(x2, self.act)
-        if backend in ("int4_cpu", "int8_cpu", "w8a8") and torch.is_grad_enabled() and x2.requires_grad:
+        if backend in KERNEL_BACKENDS and torch.is_grad_enabled() and x2.requires_grad:
             y = _KernelWithGrad.apply(x2, self, backend)  # the kernels have no autograd formula
         elif backend == "reference":
             y = x2 @ self.dequantize_weight().to(x2.dtype).t()
@@ -345,6 +357,10 @@ class QuantLinear(nn.Module):
         cache = self._get_cache(backend, x2.dtype, x2.device)
         if backend == "int4_cpu":
             return kernels.int4_cpu_mm(x2, cache)
+        if backend == "int4_cuda":
+            if x2.shape[0] > kernels.INT4_CUDA_MAX_ROWS:  # prefill-sized: dequantize per call
+                return x2 @ self.dequantize_weight().to(x2.dtype).t()
+            return kernels.int4_cuda_mm(x2, cache)
         if backend == "int8_cpu":
             return kernels.int8_weight_mm(x2, cache)
         xq, sx = quantize_act_int8(x2)
