@@ -113,6 +113,15 @@ def _run_peer(args: argparse.Namespace, float_dir: Path, tmp: Path, bits: int) -
     return json.loads(Path(str(out) + ".json").read_text()), out
 
 
+def _parse_variant(spec: str) -> dict[str, Any]:
+    """``"round_zero=true,lp_norm=0.5"`` -> options for ``qcore.quantize`` (JSON values)."""
+    opts: dict[str, Any] = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        opts[key.strip()] = json.loads(value.strip())
+    return opts
+
+
 def bench_main(args: argparse.Namespace) -> None:
     import torch
     from safetensors.torch import load_file
@@ -138,8 +147,13 @@ def bench_main(args: argparse.Namespace) -> None:
             variants: list[tuple[str, str, dict[str, Any]]] = [("rtn", "rtn", {}), ("hqq", "qcore hqq", {})]
             if bits <= 2:
                 variants.append(("hqq", "qcore hqq, optimize_scale=False (paper)", {"optimize_scale": False}))
+            for spec in args.variant:
+                opts = _parse_variant(spec)
+                variants.append(("hqq", f"qcore hqq, {spec}", opts))
             for method, label, opts in variants:
                 m, _ = load_model(args.model)
+                if args.ignore:
+                    opts = {**opts, "ignore": args.ignore}
                 start = time.perf_counter()
                 qcore.quantize(m, method, bits=bits, group_size=args.group_size, **opts)
                 seconds = time.perf_counter() - start
@@ -190,6 +204,9 @@ def main() -> None:
     ap.add_argument("--hqq-python", default=DEFAULT_HQQ_PYTHON, help="python of the venv holding hqq==0.2.8")
     ap.add_argument("--no-peer", action="store_true", help="skip the reference hqq package")
     ap.add_argument("--peer-timeout", type=int, default=3600)
+    ap.add_argument("--variant", action="append", default=[],
+                    help="an extra qcore hqq row with these options, e.g. round_zero=true,optimize_scale=true")
+    ap.add_argument("--ignore", nargs="*", default=[], help="module patterns every method keeps in float")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.peer_config:

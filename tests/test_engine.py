@@ -209,6 +209,33 @@ class RTN(BaseQuantizer):
             block.quantize_linear(name, quantize_rtn(w, 4, 32, False))
 
 
+class BackendProbe(RTN):
+    """Quantizes like RTN, then records the backends the block's forward runs with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during: list[set[str]] = []
+
+    def process_block(self, block: BlockContext) -> None:
+        from qcore.quant.linear import QuantLinear
+
+        super().process_block(block)
+        block.forward()
+        self.during.append({m.backend for m in block.module.modules() if isinstance(m, QuantLinear)})
+
+
+def test_calibration_backend_during_the_block_then_auto() -> None:
+    from qcore.engine import CALIBRATION_BACKEND
+    from qcore.quant.linear import QuantLinear
+
+    model = tiny_model("llama", num_hidden_layers=2)
+    probe = BackendProbe()
+    run_chain(model, [probe], calib(model), batch_size=2)
+    assert probe.during == [{CALIBRATION_BACKEND}] * 2
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert mods and all(m.backend == "auto" and m._cache is None for m in mods)
+
+
 def test_quantize_linear_replaces_and_records() -> None:
     from qcore.quant.act import ActQuant
     from qcore.quant.linear import QuantLinear

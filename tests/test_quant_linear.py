@@ -54,7 +54,7 @@ def test_backends_agree_with_reference(cfg: tuple[int, int, bool], expected: str
     assert torch.allclose(ref, x @ w_hat.t() + mod.bias, atol=1e-4)
     mod.backend = "auto"
     assert mod.select_backend() == expected
-    for backend in ("auto", "dense", "int4_cpu", "int8_cpu"):
+    for backend in ("auto", "dense", "dense_bf16", "int4_cpu", "int8_cpu"):
         if mod.why_not(backend) is not None:
             continue
         mod.backend = backend

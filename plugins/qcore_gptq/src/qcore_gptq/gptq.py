@@ -21,6 +21,8 @@ log = get_logger("qcore_gptq")
 
 DAMP_GROWTH = 10.0
 """Factor applied to the dampening after each failed Cholesky factorization."""
+SUB_BLOCK = 32
+"""Columns whose errors are applied to each other one by one; the rest of a block gets them by matmul."""
 MSE_GRID = 10
 """Number of clipping ratios tried between 1.0 and ``mse_clip`` by the clipping search."""
 MSE_NORM = 2.4
@@ -196,35 +198,11 @@ def gptq_quantize(
 
     # a block holds whole groups, so each group's scales can come from the updated block
     block = block_size if group_size == -1 else max(1, math.ceil(block_size / gs)) * gs
-    codes = torch.zeros(out_f, in_f, dtype=torch.float32, device=w.device)
-    dyn_scales = torch.zeros(out_f, n_groups, dtype=torch.float32, device=w.device)
-    dyn_zeros = torch.zeros_like(dyn_scales)
-    col_group = ((perm if perm is not None else torch.arange(in_f, device=w.device)) // gs).tolist()
-    loss = 0.0
-
-    for i1 in range(0, in_f, block):
-        i2 = min(i1 + block, in_f)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        scale = zero = None
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static_scales is not None:
-                g = col_group[col]
-                scale, zero = static_scales[:, g], static_zeros[:, g]
-            elif col % gs == 0:
-                scale, zero = group_params(w1[:, i:i + gs], bits, sym, mse_clip)
-                dyn_scales[:, col // gs] = scale
-                dyn_zeros[:, col // gs] = zero
-            c, q = fake_quant(w1[:, i], scale, zero, maxq)
-            codes[:, col] = c
-            d = hinv1[i, i]
-            e = (w1[:, i] - q) / d
-            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-        loss += float((err1 * err1).sum()) / 2
+    sub = SUB_BLOCK if group_size == -1 else math.gcd(SUB_BLOCK, gs)
+    codes_t, dyn_scales, dyn_zeros, loss = _gptq_columns(
+        w.t().contiguous(), hinv, bits, gs, sym, mse_clip, block, sub, static_scales, static_zeros,
+        ((perm if perm is not None else torch.arange(in_f, device=w.device)) // gs).tolist())
+    codes = codes_t.t()
     stats.loss = loss
 
     g_idx = None
@@ -245,6 +223,57 @@ def gptq_quantize(
         log.warning("gptq %s: %s; using RTN", name or "layer", stats.fallback)
         return quantize_rtn(weight.detach().float(), bits, group_size, sym), stats
     return qw, stats
+
+
+def _gptq_columns(wt: Tensor, hinv: Tensor, bits: int, gs: int, sym: bool, mse_clip: float, block: int,
+                  sub: int, static_scales: Tensor | None, static_zeros: Tensor | None,
+                  col_group: list[int]) -> tuple[Tensor, Tensor, Tensor, float]:
+    """GPTQ's column loop on the TRANSPOSED weight ``wt`` [in, out] (a column is a contiguous row).
+
+    Two levels of lazy updates: inside a ``block`` of columns the error of each column reaches
+    only the rest of its ``sub``-column slice at once; the slice's errors reach the rest of the
+    block in one matmul, and the block's the remaining columns in another (the same arithmetic
+    as updating every later column after each one, in fewer, larger operations). ``sub`` divides
+    the group size, so a group's dynamic scales see every earlier update.
+    Returns (codes [in, out], dynamic scales and zeros [out, n_groups], loss).
+    """
+    in_f, out_f = wt.shape
+    maxq = 2**bits - 1
+    codes_t = torch.zeros(in_f, out_f, dtype=torch.float32, device=wt.device)
+    dyn_scales = torch.zeros(out_f, in_f // gs, dtype=torch.float32, device=wt.device)
+    dyn_zeros = torch.zeros_like(dyn_scales)
+    loss = 0.0
+    scale = zero = None
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        w1 = wt[i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        n = i2 - i1
+        for j1 in range(0, n, sub):
+            j2 = min(j1 + sub, n)
+            for i in range(j1, j2):
+                col = i1 + i
+                if static_scales is not None:
+                    g = col_group[col]
+                    scale, zero = static_scales[:, g], static_zeros[:, g]
+                elif col % gs == 0:
+                    scale, zero = group_params(w1[i:i + gs].t(), bits, sym, mse_clip)
+                    dyn_scales[:, col // gs] = scale
+                    dyn_zeros[:, col // gs] = zero
+                x = w1[i]
+                c, q = fake_quant(x, scale, zero, maxq)
+                codes_t[col] = c
+                e = (x - q).div_(hinv1[i, i])
+                if i + 1 < j2:
+                    w1[i + 1:j2].addr_(hinv1[i, i + 1:j2], e, alpha=-1.0)
+                err1[i] = e
+            if j2 < n:
+                w1[j2:] -= hinv1[j1:j2, j2:].t() @ err1[j1:j2]
+        if i2 < in_f:
+            wt[i2:] -= hinv[i1:i2, i2:].t() @ err1
+        loss += float((err1 * err1).sum()) / 2
+    return codes_t, dyn_scales, dyn_zeros, loss
 
 
 def layer_error(w: Tensor, q: Tensor, x: Tensor) -> float:
