@@ -212,15 +212,17 @@ def bench_main(args: argparse.Namespace) -> None:
         print(rows[-1], flush=True)
         del m
 
-        m, _ = fresh()
-        opts = {**common, "desc_act": args.desc_act, "static_groups": args.static_groups,
-                "damp_percent": args.damp_percent, "mse_clip": args.mse_clip}
-        start = time.perf_counter()
-        qcore.quantize(m, "gptq", calibration=calib, **opts)
-        rows.append({"bits": bits, "method": "gptq (qcore)", "ppl": _ppl(m, tok, args),
-                     "seconds": time.perf_counter() - start})
-        print(rows[-1], flush=True)
-        del m
+        for clip in args.mse_clip:
+            m, _ = fresh()
+            opts = {**common, "desc_act": args.desc_act, "static_groups": args.static_groups,
+                    "damp_percent": args.damp_percent, "mse_clip": clip}
+            start = time.perf_counter()
+            qcore.quantize(m, "gptq", calibration=calib, **opts)
+            label = "gptq (qcore, min/max scales as the peers)" if clip >= 1.0 else f"gptq (qcore, mse_clip={clip})"
+            rows.append({"bits": bits, "method": label, "ppl": _ppl(m, tok, args),
+                         "seconds": time.perf_counter() - start})
+            print(rows[-1], flush=True)
+            del m
 
         for peer in args.peers:
             py = getattr(args, f"{peer.replace('-', '_')}_python") or DEFAULT_PEER_PYTHON[peer]
@@ -281,7 +283,9 @@ def main() -> None:
     ap.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--damp-percent", type=float, default=0.01)
-    ap.add_argument("--mse-clip", type=float, default=1.0, help="qcore only; peers run without it")
+    ap.add_argument("--mse-clip", type=float, nargs="+", default=[1.0, 0.8],
+                    help="one qcore GPTQ row per value: 1.0 = min/max scales, as the peers use; 0.8 = qcore's "
+                         "default clipping search")
     ap.add_argument("--calibration", default="c4", help="calibration source (qcore.data name or file)")
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)

@@ -40,11 +40,13 @@ def _rel_err(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 
 
 def _hqq_default(w: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
-    """The method's defaults (HQQConfig: the scale is refit at 2 bits and fewer)."""
+    """The method's defaults (HQQConfig: the scale is refit at 2 bits and fewer, the starting zero
+    point rounded at 4 and fewer)."""
     from qcore_hqq.config import HQQConfig
 
     cfg = HQQConfig(bits=bits, group_size=group_size)
-    return quantize_hqq(w, bits, group_size, optimize_scale=cfg.scale_optimized())[0]
+    return quantize_hqq(w, bits, group_size, optimize_scale=cfg.scale_optimized(),
+                        round_zero=cfg.zero_rounded())[0]
 
 
 def _stories_weights(group_size: int) -> dict[str, torch.Tensor]:
@@ -300,3 +302,12 @@ def test_stories260k_3bit_g32_perplexity_below_rtn_and_save_load_eval(tmp_path: 
     assert res.returncode == 0, res.stderr[-2000:]
     reported = json.loads((tmp_path / "eval.json").read_text())["perplexity"]
     assert math.isclose(reported, ppl["hqq"], rel_tol=1e-3), (reported, ppl["hqq"])
+
+
+def test_round_zero_default_follows_bits() -> None:
+    from qcore_hqq.config import AUTO_ROUND_ZERO_MAX_BITS, HQQConfig
+
+    assert HQQConfig(bits=3).zero_rounded() and HQQConfig(bits=AUTO_ROUND_ZERO_MAX_BITS).zero_rounded()
+    assert not HQQConfig(bits=8).zero_rounded()
+    assert not HQQConfig(bits=3, round_zero=False).zero_rounded()
+    assert HQQConfig(bits=8, round_zero=True).zero_rounded()

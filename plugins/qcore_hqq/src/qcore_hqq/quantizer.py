@@ -38,7 +38,7 @@ class HQQQuantizer(BaseQuantizer):
                 qw, stats = quantize_hqq(
                     weight, cfg.bits, cfg.group_size, lp_norm=cfg.lp_norm, beta=cfg.beta,
                     kappa=cfg.kappa, iters=cfg.iters, early_stop=cfg.early_stop,
-                    optimize_scale=cfg.scale_optimized(), round_zero=cfg.round_zero,
+                    optimize_scale=cfg.scale_optimized(), round_zero=cfg.zero_rounded(),
                 )
                 block.quantize_linear(name, qw)
                 self.layers[f"{block.name}.{name}"] = stats.as_dict()
@@ -46,4 +46,5 @@ class HQQQuantizer(BaseQuantizer):
 
     def record(self) -> dict[str, Any]:
         return {"seconds": round(self.seconds, 3), "optimize_scale": self.config.scale_optimized(),
+                "round_zero": self.config.zero_rounded(),
                 "layers": self.layers}
