@@ -40,6 +40,10 @@ EPS = 1e-8
 """Added to ``|x|`` before raising it to the negative power ``p - 1``."""
 MIN_SCALE = 1e-8
 """Smallest step kept by the scale update (a flat group keeps its previous step)."""
+CHUNK_ELEMENTS = 1 << 18
+"""Weights solved together, so the solver's ~25 passes per iteration run on cache-sized pieces
+(SmolLM2-135M, 3-bit g64, 2 threads: 6.1 s against 7.2 s for one solve per matrix); early stop is
+decided per chunk."""
 
 
 @dataclass
@@ -178,6 +182,17 @@ def hqq_solve(wg: Tensor, scale: Tensor, zero: Tensor, bits: int, *, lp_norm: fl
     return best_scale, best_zero, stats
 
 
+def _merge_stats(stats: list[HQQStats], weights: list[int]) -> HQQStats:
+    """One weight's stats from its chunks' (means weighted by groups, the most iterations)."""
+    total = sum(weights)
+
+    def mean(key: str) -> float:
+        return sum(getattr(st, key) * n for st, n in zip(stats, weights)) / total
+
+    return HQQStats(iters=max(st.iters for st in stats), error_init=mean("error_init"), error=mean("error"),
+                    mse_init=mean("mse_init"), mse=mean("mse"))
+
+
 def quantize_hqq(w: Tensor, bits: int, group_size: int, *, lp_norm: float = LP_NORM,
                  beta: float = BETA, kappa: float = KAPPA, iters: int = ITERS,
                  early_stop: bool = True, optimize_scale: bool = False,
@@ -193,8 +208,13 @@ def quantize_hqq(w: Tensor, bits: int, group_size: int, *, lp_norm: float = LP_N
     n_groups = check_group_size(in_f, group_size)
     wg = w.detach().float().reshape(out_f * n_groups, -1)
     scale, zero = minmax_params(wg, bits, round_zero)
-    scale, zero, stats = hqq_solve(wg, scale, zero, bits, lp_norm=lp_norm, beta=beta, kappa=kappa,
-                                   iters=iters, early_stop=early_stop, optimize_scale=optimize_scale)
+    rows = max(1, CHUNK_ELEMENTS // wg.shape[1])
+    parts = [hqq_solve(wg[i:i + rows], scale[i:i + rows], zero[i:i + rows], bits, lp_norm=lp_norm, beta=beta,
+                       kappa=kappa, iters=iters, early_stop=early_stop, optimize_scale=optimize_scale)
+             for i in range(0, wg.shape[0], rows)]
+    scale = torch.cat([p[0] for p in parts])
+    zero = torch.cat([p[1] for p in parts])
+    stats = _merge_stats([p[2] for p in parts], [p[0].shape[0] for p in parts])
     codes = torch.div(wg, scale).add_(zero).round_().clamp_(0, 2**bits - 1).to(torch.uint8).reshape(out_f, in_f)
     qw = QuantizedWeight(codes=codes, scales=scale.reshape(out_f, n_groups).contiguous(),
                          zeros=zero.reshape(out_f, n_groups).contiguous(), bits=bits,
