@@ -12,7 +12,7 @@ Every backend computes ``x @ w_hat.T`` for ``w_hat = (codes - zeros[g]) * scales
   the activation columns per call.
 * ``int4_cuda``: the same math through torch's CUDA int4 kernel (``_convert_weight_to_int4pack``
   on two codes per byte + ``_weight_int4pack_mm``, bf16; compute capability 8.0 or newer;
-  in_features a multiple of 32, out_features of 8; see :func:`int4_cuda_reason`).
+  in_features a multiple of 32, out_features of 16; see :func:`int4_cuda_reason`).
 * ``int8_cpu``: ``_weight_int8pack_mm`` (8 bits, per-channel); an asymmetric zero point is a
   rank-1 correction ``rowsum(x) * (128 - z) * s``.
 * ``w8a8``: dynamic per-token int8 activations times int8 per-channel weights. Batches of 2 to 8
@@ -61,15 +61,21 @@ def _act_order_perm(g_idx: Tensor, group_size: int, in_features: int) -> Tensor 
 def int4_cpu_reason(in_features: int, out_features: int, bits: int, group_size: int,
                     g_idx: Tensor | None) -> str | None:
     """Why the int4 CPU kernel cannot run this layer (None when it can)."""
-    if bits > 4:
-        return f"{bits}-bit weights (kernel takes codes of at most 4 bits)"
     if not has_int4_cpu():
         return "this torch has no _weight_int4pack_mm_for_cpu"
+    if in_features % 2 or out_features % 16:
+        return "in_features must be even and out_features a multiple of 16"
+    return _int4_codes_reason(in_features, bits, group_size, g_idx)
+
+
+def _int4_codes_reason(in_features: int, bits: int, group_size: int, g_idx: Tensor | None) -> str | None:
+    """What both int4 kernels (CPU and CUDA) need of the codes: <= 4 bits, kernel-sized groups,
+    act-order groups of equal size."""
+    if bits > 4:
+        return f"{bits}-bit weights (kernel takes codes of at most 4 bits)"
     gs = in_features if group_size == -1 else group_size
     if not any(gs % kg == 0 for kg in INT4_CPU_GROUPS):
         return f"group size {gs} is not a multiple of 32"
-    if in_features % 2 or out_features % 16:
-        return "in_features must be even and out_features a multiple of 16"
     if g_idx is not None and _act_order_perm(g_idx, group_size, in_features) is None:
         return "act-order groups of unequal size"
     return None
@@ -142,12 +148,9 @@ def int4_cuda_reason(in_features: int, out_features: int, bits: int, group_size:
         return "this torch has no _weight_int4pack_mm"
     if torch.cuda.get_device_capability(device) < (8, 0):
         return "the CUDA int4 kernel needs compute capability 8.0 or newer"
-    reason = int4_cpu_reason(in_features, out_features, bits, group_size, g_idx)
-    if reason and "_for_cpu" not in reason:
-        return reason
-    if _inner_k_tiles(in_features) is None or out_features % 8:
-        return "in_features must be a multiple of 32 and out_features of 8"
-    return None
+    if _inner_k_tiles(in_features) is None or out_features % 16:
+        return "in_features must be a multiple of 32 and out_features of 16"
+    return _int4_codes_reason(in_features, bits, group_size, g_idx)
 
 
 @dataclass
