@@ -53,6 +53,18 @@ def copy_bandwidth(mib: int = 256, reps: int = 5) -> float:
     return 2 * src.numel() / statistics.median(times[1:])
 
 
+def read_bandwidth(mib: int = 256, reps: int = 5) -> float:
+    """Bytes read per second by a reduction over a large tensor (no writes): a check that the
+    read+write copy bandwidth is the right yardstick for a matmul that only streams weights."""
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32)
+    times = []
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        src.sum()
+        times.append(time.perf_counter() - t)
+    return 4 * src.numel() / statistics.median(times[1:])
+
+
 CLOCK: Callable[[], float] = time.perf_counter
 
 
@@ -162,17 +174,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
     bw = copy_bandwidth()
+    read_bw = read_bandwidth()
     rows = []
     for k, n in SHAPES:
         rows += bench_shape(k, n, args.rounds, bw)
     load_end = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {args.clock} clock, {args.threads} threads, {os.cpu_count()} CPUs, load average "
           f"{load_start:.1f} at start / {load_end:.1f} at end, copy bandwidth {bw / 1e9:.1f} GB/s "
-          "(read+write); ratios are speedups (>1 = faster than the dense matmul)\n")
+          f"(read+write; a read-only sum reads {read_bw / 1e9:.1f} GB/s); ratios are speedups (>1 = faster than the dense matmul)\n")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"clock": args.clock, "threads": args.threads, "copy_bandwidth_Bps": bw, "load_average": [load_start, load_end],
+            json.dump({"clock": args.clock, "threads": args.threads, "copy_bandwidth_Bps": bw, "read_bandwidth_Bps": read_bw,
+                       "load_average": [load_start, load_end],
                        "rows": rows}, f, indent=1)
 
 

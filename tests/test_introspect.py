@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from qcore.errors import ArchitectureError
+from qcore.fold import group_tie
 from qcore.introspect import (
     ScaleGroup,
     UnfusedExperts,
@@ -24,7 +26,7 @@ torch.set_num_threads(1)
 ATTN = [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
 LLAMA_GROUPS = {
     "attn_in": ("input_layernorm", True),
-    "attn_out": ("self_attn.v_proj", False),  # GQA (4 heads / 2 kv heads)
+    "attn_out": ("self_attn.v_proj", True),  # GQA (4 heads / 2 kv heads): tied scales
     "mlp_in": ("post_attention_layernorm", True),
     "mlp_out": ("mlp.up_proj", True),
 }
@@ -183,7 +185,7 @@ def test_scalable_groups_fold_exactly(family: str) -> None:
         for i, group in enumerate(block.scale_groups):
             if group.scalable:
                 width = block.linears[group.linears[0]].in_features
-                fold_scales(block.module, group, _scales(width, seed=100 + i))
+                fold_scales(block.module, group, group_tie(group, _scales(width, seed=100 + i)))
                 folded += 1
     assert folded >= 2
     torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-5)
@@ -240,6 +242,38 @@ def test_mha_makes_v_to_o_scalable() -> None:
     ref = _logits(model, ids)
     fold_scales(info.blocks[0].module, group, _scales(64, seed=5))
     torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gqa_v_to_o_folds_exactly_with_tied_scales() -> None:
+    from qcore.fold import tie_channels
+
+    model = tiny_model("llama")  # 4 query heads, 2 kv heads, head_dim 16
+    _perturb(model)
+    ids = tiny_inputs(model)
+    info = inspect_model(model)
+    group = info.blocks[0].group("attn_out")[0]
+    assert group.scalable and (group.repeat, group.head_dim) == (2, 16)
+    ref = _logits(model, ids)
+    s = _scales(64, seed=6)
+    with pytest.raises(ArchitectureError, match="share each kv head"):
+        fold_scales(info.blocks[0].module, group, s)  # untied: refused, nothing changed
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=0)
+    tied = group_tie(group, s)
+    runs = tied.reshape(2, 2, 16)
+    assert torch.equal(runs[:, 0], runs[:, 1]) and not torch.equal(runs[0, 0], runs[1, 0])
+    assert torch.equal(tie_channels(s, 1, 16), s)
+    assert torch.equal(group_tie(group, s, "max").reshape(2, 2, 16)[:, 0], s.reshape(2, 2, 16).amax(1))
+    fold_scales(info.blocks[0].module, group, tied)
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gqa_without_head_width_is_not_scalable() -> None:
+    from qcore.introspect import _gqa_repeat
+
+    assert _gqa_repeat(32, 64, SimpleNamespace(head_dim=16)) == (2, 16)
+    assert _gqa_repeat(32, 64, SimpleNamespace(hidden_size=64, num_attention_heads=4)) == (2, 16)
+    assert _gqa_repeat(32, 64, SimpleNamespace()) == (0, 0)
+    assert _gqa_repeat(32, 64, SimpleNamespace(head_dim=12)) == (0, 0)  # 32 v channels are not whole heads
 
 
 def test_fold_refuses_unscalable() -> None:
@@ -440,4 +474,5 @@ def test_real_stories260k() -> None:
         "self_attn.v_proj": ("v", 64, 32), "self_attn.o_proj": ("o", 64, 64),
         "mlp.gate_proj": ("gate", 64, 172), "mlp.up_proj": ("up", 64, 172), "mlp.down_proj": ("down", 172, 64),
     }
-    assert [g.scalable for g in block.scale_groups] == [True, False, True, True]  # 8 heads / 4 kv heads
+    assert [g.scalable for g in block.scale_groups] == [True, True, True, True]
+    assert (block.scale_groups[1].repeat, block.scale_groups[1].head_dim) == (2, 8)  # 8 heads / 4 kv heads

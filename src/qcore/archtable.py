@@ -118,6 +118,12 @@ ACT_CONFIG_ATTRS: tuple[str, ...] = ("hidden_act", "activation_function", "hidde
 POSITIVE_HOMOGENEOUS_ACTS: frozenset[str] = frozenset({"relu", "identity", "linear"})
 """act(x / s) * s == act(x) for s > 0: fc1 -> fc2 scaling is exact only through these."""
 
+# --- attention geometry (for tying v -> o scales under grouped-query attention) ----------------
+HEAD_DIM_ATTRS: tuple[str, ...] = ("head_dim",)
+N_HEADS_ATTRS: tuple[str, ...] = ("num_attention_heads", "n_head", "num_heads")
+HIDDEN_ATTRS: tuple[str, ...] = ("hidden_size", "n_embd", "d_model")
+"""Config fields read, in order, for the head width (``head_dim``, else hidden / heads)."""
+
 # --- model-level parts -------------------------------------------------------------------------
 BLOCK_PATH_OVERRIDES: dict[str, str] = {}
 """model_type -> path of the block ModuleList, for models where the largest list is wrong."""

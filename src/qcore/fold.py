@@ -9,11 +9,16 @@ input is divided by ``s`` so that the block computes exactly the same function:
   product such as ``act(gate) * up``, through attention's value mixing, and through
   positively homogeneous activations such as ReLU).
 
+Under grouped-query attention o reads each run of ``head_dim`` v channels once per query head
+of the kv group (``ScaleGroup.repeat`` times in a row): the scales over o's inputs must then be
+equal across that repeat. :func:`tie_channels` makes any per-input statistic (hence any scale
+computed from such statistics) tied; the fold divides v's rows by one copy of the repeat.
+
 The tensor functions are pure; :func:`fold_scale_group` applies them to a block's modules.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +45,39 @@ def fold_into_linear_rows(weight: Tensor, bias: Tensor | None, s: Tensor) -> tup
     w = (weight.float() / s.float()[:, None]).to(weight.dtype)
     b = None if bias is None else (bias.float() / s.float()).to(bias.dtype)
     return w, b
+
+
+TieReduce = Literal["mean", "max"]
+
+
+def tie_channels(v: Tensor, repeat: int, head_dim: int, reduce: TieReduce = "mean") -> Tensor:
+    """``v`` over o's inputs ``[kv_heads * repeat * head_dim]`` with each channel replaced by its
+    ``reduce`` across the ``repeat`` query heads sharing its kv head (identity for repeat 1)."""
+    if repeat <= 1:
+        return v
+    if head_dim <= 0 or v.numel() % (repeat * head_dim):
+        raise ValueError(f"{v.numel()} channels are not kv_heads x {repeat} x {head_dim}")
+    runs = v.reshape(-1, repeat, head_dim)
+    red = runs.mean(1, keepdim=True) if reduce == "mean" else runs.amax(1, keepdim=True)
+    return red.expand_as(runs).reshape(v.shape)
+
+
+def group_tie(group: Any, v: Tensor, reduce: TieReduce = "mean") -> Tensor:
+    """:func:`tie_channels` with a scale group's ``repeat`` and ``head_dim`` (identity when untied)."""
+    return tie_channels(v, getattr(group, "repeat", 1), getattr(group, "head_dim", 0), reduce)
+
+
+def producer_scales(s: Tensor, repeat: int, head_dim: int) -> Tensor | None:
+    """Scales of the producer's outputs for tied input scales ``s`` (one copy of each repeat);
+    None when ``s`` is not tied."""
+    if repeat <= 1:
+        return s
+    if head_dim <= 0 or s.numel() % (repeat * head_dim):
+        return None
+    runs = s.float().reshape(-1, repeat, head_dim)
+    if not torch.allclose(runs, runs[:, :1].expand_as(runs), rtol=1e-6, atol=0.0):
+        return None
+    return s.reshape(-1, repeat, head_dim)[:, 0].reshape(-1)
 
 
 def norm_offset(norm: nn.Module) -> float:
@@ -102,19 +140,25 @@ def fold_scale_group(root: nn.Module, group: Any, s: Tensor, linear: Callable[[s
     """Divide ``group``'s producer (``group.prev`` under ``root``) by ``s`` and scale its linears'
     input columns by ``s``, exactly. ``group`` is a :class:`qcore.introspect.ScaleGroup`;
     ``linear(name)`` returns the block's linear of that name. Returns None, or why the group could
-    not be folded (then nothing was changed)."""
+    not be folded (then nothing was changed). Under GQA (``group.repeat`` > 1) ``s`` must be tied
+    (see :func:`tie_channels`)."""
     if group.prev is None:
         return "no producing op to fold into"
     prev = root.get_submodule(group.prev)
+    repeat = getattr(group, "repeat", 1)
+    s_prev = producer_scales(s, repeat, getattr(group, "head_dim", 0))
+    if s_prev is None:
+        return (f"the scales differ across the {repeat} query heads that share each kv head; "
+                "tie them with qcore.fold.group_tie before folding")
     with torch.no_grad():
         if group.prev_kind == "norm":
-            why = fold_norm(prev, s, getattr(group, "norm_offset", None))
+            why = fold_norm(prev, s_prev, getattr(group, "norm_offset", None))
             if why is not None:
                 return why
         elif group.prev_kind == "linear":
-            if prev.weight.shape[0] != s.numel():
+            if prev.weight.shape[0] != s_prev.numel():
                 return f"{group.prev} has {prev.weight.shape[0]} outputs but the group reads {s.numel()}"
-            w, b = fold_into_linear_rows(prev.weight.data, None if prev.bias is None else prev.bias.data, s)
+            w, b = fold_into_linear_rows(prev.weight.data, None if prev.bias is None else prev.bias.data, s_prev)
             prev.weight.data = w
             if b is not None:
                 prev.bias.data = b

@@ -14,8 +14,10 @@ Decisions (documented in docs/architecture.md terms):
 * ``ScaleGroup.scalable`` is True only when folding ``s`` (the norm or linear ``prev`` divided
   by ``s``, the group's input columns multiplied by ``s``) leaves the block's output exactly
   unchanged; :func:`fold_scales` performs that fold. Not foldable, with a ``reason``:
-  v -> o under grouped-query attention (o reads each v channel several times, so its scales
-  would have to be tied across the repeat; qcore does not offer that), a ``prev`` that is a
+  v -> o under grouped-query attention when the head width is unknown (o reads each v channel
+  once per query head of its kv group; with the head width known the group is scalable with
+  ``repeat`` > 1 and its scales must be tied across the repeat, see
+  :func:`qcore.fold.tie_channels`), a ``prev`` that is a
   fused projection (qkv, gate_up), fc1 -> fc2 through an activation that is not positively
   homogeneous (GELU), and every norm -> linear group of a post-norm model (the norm's output also
   feeds the residual stream). fc1 -> fc2 through ReLU is exact for positive scales only.
@@ -67,6 +69,12 @@ class ScaleGroup:
     reason: str = ""
     norm_offset: float = 0.0
     """For a norm ``prev``: it computes ``x_hat * (norm_offset + weight)`` (1.0 for Gemma)."""
+    repeat: int = 1
+    """> 1 under grouped-query attention (v -> o): the group reads ``prev``'s output with each
+    run of ``head_dim`` channels repeated ``repeat`` times in a row (one per query head sharing
+    that kv head), so its scales must be equal across the repeat (``qcore.fold.tie_channels``)."""
+    head_dim: int = 0
+    """Width of one head when ``repeat`` > 1."""
 
 
 @dataclass
@@ -459,6 +467,26 @@ def _activation(config: Any) -> str | None:
     return None
 
 
+def _config_int(config: Any, attrs: tuple[str, ...]) -> int | None:
+    for attr in attrs:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _gqa_repeat(v_out: int, o_in: int, config: Any) -> tuple[int, int]:
+    """``(repeat, head_dim)`` when o reads each run of ``head_dim`` v channels ``repeat`` times
+    in a row (transformers' ``repeat_kv`` layout); ``(0, 0)`` when the config cannot say."""
+    head_dim = _config_int(config, T.HEAD_DIM_ATTRS)
+    if head_dim is None:
+        hidden, heads = _config_int(config, T.HIDDEN_ATTRS), _config_int(config, T.N_HEADS_ATTRS)
+        head_dim = hidden // heads if hidden and heads and hidden % heads == 0 else None
+    if not head_dim or v_out % head_dim or o_in % v_out or o_in <= v_out:
+        return 0, 0
+    return o_in // v_out, head_dim
+
+
 def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
@@ -531,13 +559,16 @@ def _scale_groups(block: nn.Module, linears: dict[str, LinearInfo], moe: MoEInfo
         reason = ""
         if pv.role == "qkv":
             reason = f"v is fused into {prev}: a fold would have to touch only its v rows"
-        elif pv.out_features != po.in_features:
-            reason = (f"grouped-query attention: {o} reads each of the {pv.out_features} v channels "
-                      f"{po.in_features // max(pv.out_features, 1)} times ({po.in_features} inputs), "
-                      "so its scales would have to be tied across the repeat; not offered")
-        elif any(n.rpartition(".")[2] in T.ATTN_VALUE_NORM_NAMES for n in norms):
+        repeat, head_dim = 1, 0
+        if not reason and pv.out_features != po.in_features:
+            repeat, head_dim = _gqa_repeat(pv.out_features, po.in_features, config)
+            if not repeat:
+                reason = (f"grouped-query attention: {o} reads {po.in_features} inputs from {pv.out_features} "
+                          "v channels and the config does not give a head width that maps one to the other")
+        if not reason and any(n.rpartition(".")[2] in T.ATTN_VALUE_NORM_NAMES for n in norms):
             reason = "a norm on v sits between v and o"
-        groups.append(ScaleGroup(prev, "linear", [o], "attn_out", not reason, reason))
+        groups.append(ScaleGroup(prev, "linear", [o], "attn_out", not reason, reason,
+                                 repeat=repeat or 1, head_dim=head_dim))
 
     # MLP / MoE input
     mlp_in = [n for n, li in linears.items()

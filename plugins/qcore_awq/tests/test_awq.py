@@ -10,7 +10,7 @@ import torch
 from qcore.testing import MethodConformance, requires_shared
 
 from qcore.quant.primitives import quantize_rtn
-from qcore.fold import fold_into_linear_rows, fold_into_norm, scale_columns
+from qcore.fold import fold_into_linear_rows, fold_into_norm, group_tie, scale_columns
 from qcore_awq.search import (
     activation_mean,
     alpha_grid,
@@ -200,7 +200,7 @@ def test_fold_random_scales_keeps_logits(family):
                 skipped.append(group.role)
                 continue
             n_in = b.module.get_submodule(group.linears[0]).weight.shape[1]
-            s = torch.exp(0.7 * torch.randn(n_in, generator=g))
+            s = group_tie(group, torch.exp(0.7 * torch.randn(n_in, generator=g)))
             why = q.fold(_Block(b.module), group, s)
             assert why is None, f"{family} {group.role}: {why}"
             folded.append(group.role)
@@ -210,10 +210,8 @@ def test_fold_random_scales_keeps_logits(family):
     assert _rel(after, before) < 1e-5, f"{family}: logits changed by {_rel(after, before):.2e} ({folded})"
     roles = set(folded)
     assert {"attn_in", "mlp_in"} <= roles or family == "qwen3_moe", (family, roles)
-    if family == "llama-mha":
+    if family in ("llama-mha", "llama"):  # GQA (llama): scales tied across query heads per kv head
         assert "attn_out" in roles
-    if family == "llama":  # GQA: v (2 kv heads) -> o (4 heads) cannot be scaled exactly
-        assert "attn_out" in skipped
 
 
 def _calib(model, n=4, t=32):
@@ -234,14 +232,27 @@ def test_searched_scales_fold_exactly(family):
     with torch.no_grad():
         before = model(ids).logits
     spec = get_method("awq")
-    q = spec.load_quantizer()(spec.config_cls(bits=3, group_size=32, n_grid=8), spec)
+    q = spec.load_quantizer()(spec.config_cls(bits=3, group_size=32, n_grid=8, scale_gqa_attn_out=True), spec)
     q.fold_only = True
     run_chain(model, [q], calibration=_calib(model))
     with torch.no_grad():
         after = model(ids).logits
     statuses = [g["status"] for b in q.blocks for g in b["groups"]]
     assert any(s == "scaled" for s in statuses), statuses
+    if family == "llama":  # GQA v -> o searched with tied scales (and folded when one beat none)
+        attn_out = [g["status"] for b in q.blocks for g in b["groups"] if g["role"] == "attn_out"]
+        assert attn_out and not any(st.startswith("skipped") for st in attn_out), attn_out
     assert _rel(after, before) < 1e-5, f"{family}: {_rel(after, before):.2e}"
+
+
+def test_gqa_attn_out_is_skipped_by_default_with_reason():
+    import qcore
+
+    model = _tiny("llama")
+    qcore.quantize(model, "awq", calibration=_calib(model), bits=3, group_size=32, n_grid=4, clip_grid=4)
+    blocks = model.qcore_record["chain"][-1]["record"]["blocks"]
+    attn_out = [g["status"] for b in blocks for g in b["groups"] if g["role"] == "attn_out"]
+    assert attn_out and all("grouped-query" in st and "scale_gqa_attn_out" in st for st in attn_out)
 
 
 # -- conformance, quantization, chaining -----------------------------------------------------------
@@ -293,6 +304,7 @@ def test_chain_with_gptq_hands_over_float_weights():
     chain = model.qcore_record["chain"]
     assert [c["method"] for c in chain[-2:]] == ["awq", "gptq"]
     assert all(b["deferred_to_later_method"] for b in chain[-2]["record"]["blocks"])
+    assert not any(b["clipped_fraction"] for b in chain[-2]["record"]["blocks"])  # clip left to GPTQ
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 7
 
 
@@ -302,8 +314,8 @@ def stories_increase():
     """Perplexity increase over float of RTN and AWQ, stories260K, 3-bit g32.
 
     stories260K's down_proj reads 172 features, which 32 does not divide: it stays float for
-    both methods (so the up -> down group cannot help), and v -> o is GQA (skipped). Calibration:
-    the last 40% of the TinyStories file; perplexity: the first 60% (disjoint)."""
+    both methods (so the up -> down group cannot help), and v -> o is GQA (skipped by default).
+    Calibration: the last 40% of the TinyStories file; perplexity: the first 60% (disjoint)."""
     import copy
 
     import qcore
@@ -336,7 +348,7 @@ def test_stories260k_awq_beats_rtn(stories_increase):
 
 
 @requires_shared
-@pytest.mark.xfail(reason="issue 6 target not reached: measured ratio 0.72 (AWQ +2.46 vs RTN +3.41)",
+@pytest.mark.xfail(reason="issue 6 target not reached: measured ratio 0.71 (AWQ +2.43 vs RTN +3.42)",
                    strict=False)
 def test_stories260k_awq_issue_target(stories_increase):
     """The issue's target: AWQ's increase at most 0.6x RTN's. Not met on this model (see docs)."""

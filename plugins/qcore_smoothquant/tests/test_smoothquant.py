@@ -148,6 +148,17 @@ def test_unscalable_groups_are_skipped_with_reason():
     assert any("fused" in why for why in skipped) and any("gelu" in why.lower() for why in skipped)
 
 
+def test_gqa_v_to_o_is_smoothed_with_tied_scales():
+    model = tiny_model("llama")  # 4 query heads, 2 kv heads
+    ids = _ids(model)
+    ref = _logits(model, ids)
+    qcore.quantize(model, "smoothquant", quantize=False, alpha=0.5, alpha_grid=None,
+                   calibration=tiny_calibration(model.config.vocab_size))
+    record = model.qcore_record["chain"][-1]["record"]
+    assert record["groups_smoothed"] == 2 * 4 and not record["skipped"], record  # v -> o included
+    assert _rel(_logits(model, ids), ref) < 1e-5
+
+
 # -- W8A8 ----------------------------------------------------------------------------------------
 def test_w8a8_runs_int8_backend_and_matches_fake_quant(monkeypatch):
     from qcore.quant import kernels

@@ -25,8 +25,16 @@ class AWQConfig(WeightQuantConfig):
     """Where the scale search measures the error: the smallest module spanning the group
     (``self_attn`` for q/k/v, ``mlp`` for gate/up, the linear for v->o and up->down; as the
     reference implementation) or the whole decoder block's output."""
-    clip_search: bool = True
-    """Search a per-group shrink of the weight range after scaling."""
+    scale_gqa_attn_out: bool = False
+    """Also scale v -> o under grouped-query attention, with scales tied across the query heads
+    that share a kv head (exact). Off by default, as in the reference implementations: on
+    SmolLM2-135M at 3 bits it raised WikiText-2 perplexity from 59.5 to 65.3 although every
+    block's o_proj output error on the calibration text fell (docs/results.md)."""
+    clip_search: bool | None = None
+    """Search a per-group shrink of the weight range after scaling. None (default): search when
+    AWQ quantizes the weights itself (RTN); skip it when a later method in the chain quantizes
+    them (``["awq", "gptq"]``: GPTQ's error feedback and its own range search replace it; the
+    RTN-tuned clip made AWQ+GPTQ worse, see docs/results.md)."""
     clip_grid: int = Field(20, ge=2, le=200)
     """Shrink step is 1/clip_grid; shrinks 1, 1-1/g, ... down to 1 - clip_max_shrink."""
     clip_max_shrink: float = Field(0.5, gt=0.0, lt=1.0)

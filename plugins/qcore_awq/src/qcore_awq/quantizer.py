@@ -13,12 +13,14 @@ Per block, for each scale group the introspection reports (``block.info.scale_gr
    help is left alone;
 3. fold: 1/s into the norm (``(offset + w) / s - offset``, offset probed, 1 for Gemma-style
    ``(1 + w)`` norms) or the previous linear's output rows, s into the group's columns. This is
-   exact (a probe checks each norm fold). Groups the introspection marks unscalable (GQA v->o,
-   GELU between fc1 and fc2, ...) are skipped and the reason is logged and recorded.
+   exact (a probe checks each norm fold). Groups the introspection marks unscalable (a fused
+   qkv, GELU between fc1 and fc2, ...) are skipped and the reason is logged and recorded; so is
+   v -> o under grouped-query attention unless ``scale_gqa_attn_out`` (then its scales are tied
+   across the query heads sharing a kv head: both means averaged over them, an exact fold).
 
 Then the clip search per linear (except q/k) on sampled inputs of the scaled block, and RTN
 with the searched clip, unless a later method in the chain quantizes weights (GPTQ): then the
-weights are left scaled and clamped in float for it.
+weights are left scaled in float for it (and, by default, unclipped: ``clip_search=None``).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from qcore.errors import CalibrationError
 from qcore.progress import get_logger
 from qcore.protocol import BaseQuantizer
-from qcore.fold import fold_scale_group
+from qcore.fold import fold_scale_group, group_tie
 from qcore_awq.search import activation_mean, apply_clip, scaled_fake_quant, search_clip, search_scale, weight_mean
 
 if TYPE_CHECKING:
@@ -91,9 +93,10 @@ class AWQQuantizer(BaseQuantizer):
         if self.fold_only:
             self.blocks.append(rec)
             return
-        shrinks = self.clip_block(block, names) if cfg.clip_search else {}
-        t2 = time.perf_counter()
         defer = any(k in WEIGHT_KINDS for k in block.run.later_kinds())
+        clip = (not defer) if cfg.clip_search is None else cfg.clip_search
+        shrinks = self.clip_block(block, names) if clip else {}
+        t2 = time.perf_counter()
         self.finish_block(block, names, shrinks, defer)
         t3 = time.perf_counter()
         rec.update({"clip_search_s": round(t2 - t1, 3), "quantize_s": round(t3 - t2, 3),
@@ -124,14 +127,24 @@ class AWQQuantizer(BaseQuantizer):
         out = []
         for group in block.info.scale_groups:
             rec: dict[str, Any] = {"role": group.role, "prev": group.prev, "linears": list(group.linears)}
-            if not group.scalable:
-                rec["status"] = f"skipped: {group.reason}"
+            reason = self._skip_reason(group)
+            if reason:
+                rec["status"] = f"skipped: {reason}"
                 log.info("awq block %d: skip scale group %s (%s -> %s): %s", block.index, group.role,
-                         group.prev, ",".join(group.linears), group.reason)
+                         group.prev, ",".join(group.linears), reason)
             else:
                 rec.update(self._scale_group(block, group, quantizable))
             out.append(rec)
         return out
+
+    def _skip_reason(self, group: Any) -> str:
+        """Why a scale group is not searched ("" = search it)."""
+        if not group.scalable:
+            return group.reason
+        if getattr(group, "repeat", 1) > 1 and not self.config.scale_gqa_attn_out:
+            return ("grouped-query attention: v -> o scales would be tied across query heads; off by "
+                    "default (scale_gqa_attn_out=True turns it on)")
+        return ""
 
     def _scale_group(self, block: BlockContext, group: Any, quantizable: list[str]) -> dict[str, Any]:
         cfg = self.config
@@ -145,10 +158,12 @@ class AWQQuantizer(BaseQuantizer):
         best = max(stats.values(), key=lambda st: st[1])
         if best[1] == 0:
             return {"status": "skipped: no calibration token reaches this group"}
-        x_mean = best[0] / best[1]
         linears = {n: block.linear(n) for n in group.linears}
         originals = {n: linears[n].weight.detach().clone() for n in targets}
-        w_mean = weight_mean([originals[n] for n in targets], cfg.group_size)
+        # under GQA (v -> o) both means are averaged over the query heads sharing a kv head,
+        # so every scale s = x^a / w^(1-a) is tied and folds into v exactly
+        x_mean = group_tie(group, best[0] / best[1])
+        w_mean = group_tie(group, weight_mean([originals[n] for n in targets], cfg.group_size))
         fq = self._fake_quant()
 
         def run() -> list[Tensor]:

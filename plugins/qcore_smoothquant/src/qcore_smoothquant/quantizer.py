@@ -5,9 +5,9 @@ Per block:
 1. gather max|x| per input channel of every quantizable linear on the calibration inputs
    (and, with ``alpha_grid``, a sample of each scale group's inputs);
 2. for each scale group the introspection reports (``block.info.scale_groups``): skip it with a
-   logged reason when it cannot be folded exactly (GQA v->o, GELU between fc1 and fc2, fused
-   producers, ...); otherwise compute s with the fixed ``alpha`` or the best ``alpha_grid``
-   candidate (no smoothing included) and fold it exactly with :func:`qcore.fold.fold_scale_group`;
+   logged reason when it cannot be folded exactly (GELU between fc1 and fc2, fused producers,
+   ...; GQA v->o is folded with scales tied across the query heads of each kv head); otherwise
+   compute s with the fixed ``alpha`` or the best ``alpha_grid`` candidate (no smoothing included) and fold it exactly with :func:`qcore.fold.fold_scale_group`;
 3. ask for activation quantization on every quantizable linear (``qcore_act``: an
    :class:`~qcore.quant.act.ActQuant`, dynamic per token, or static per tensor with the scale
    calibrated from the smoothed range), which ``block.quantize_linear`` carries into the
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from qcore.engine import ACT_ATTR
 from qcore.errors import ConfigError
-from qcore.fold import fold_scale_group
+from qcore.fold import fold_scale_group, group_tie
 from qcore.progress import get_logger
 from qcore.protocol import BaseQuantizer
 from qcore.quant.act import ActQuant
@@ -104,8 +104,11 @@ class SmoothQuantQuantizer(BaseQuantizer):
             if not targets:
                 self._skip(where, "no quantizable linear in the group")
                 continue
-            a_max = torch.stack([absmax[n] for n in g.linears]).amax(dim=0)
+            # under GQA (v -> o) the maxima are taken over the query heads sharing a kv head, so
+            # the scales are tied across them and fold into v exactly
+            a_max = group_tie(g, torch.stack([absmax[n] for n in g.linears]).amax(dim=0), "max")
             weights = [block.linear(n).weight for n in targets]
+            w_max = group_tie(g, weight_absmax(weights), "max")
             alpha: float | None = cfg.alpha
             errors: dict[str, float] = {}
             if cfg.alpha_grid is not None and cfg.quantize:
@@ -114,12 +117,12 @@ class SmoothQuantQuantizer(BaseQuantizer):
                     self._skip(where, "no calibration tokens reached the group")
                     continue
                 alpha, s, errors = search_alpha(x, a_max, weights, cfg.alpha_grid, cfg.w_bits, cfg.a_bits,
-                                                cfg.group_size, cfg.act_dynamic)
+                                                cfg.group_size, cfg.act_dynamic, w_absmax=w_max)
                 if s is None:
                     self.groups.append({"group": where, "alpha": None, "errors": errors})
                     continue
             else:
-                s = smoothing_scales(a_max, weight_absmax(weights), cfg.alpha)
+                s = smoothing_scales(a_max, w_max, cfg.alpha)
             s = s.to(block.linear(g.linears[0]).weight.device)
             why = fold_scale_group(block.module, g, s, block.linear)
             if why is not None:

@@ -78,11 +78,14 @@ def group_error(x: Tensor, weights: Sequence[Tensor], s: Tensor | None, w_bits: 
 
 def search_alpha(x: Tensor, act_absmax: Tensor, weights: Sequence[Tensor], grid: Sequence[float],
                  w_bits: int, a_bits: int, group_size: int = -1,
-                 dynamic: bool = True) -> tuple[float | None, Tensor | None, dict[str, float]]:
+                 dynamic: bool = True, w_absmax: Tensor | None = None
+                 ) -> tuple[float | None, Tensor | None, dict[str, float]]:
     """Best of "no smoothing" and each a of ``grid`` by :func:`group_error` on samples ``x``.
 
-    Returns ``(alpha or None, s or None, {candidate: error})`` (None = leave the group alone)."""
-    w_max = weight_absmax(weights)
+    ``w_absmax``: the weights' per-channel max (default :func:`weight_absmax`; pass a tied one for
+    GQA v -> o). Returns ``(alpha or None, s or None, {candidate: error})`` (None = leave the
+    group alone)."""
+    w_max = weight_absmax(weights) if w_absmax is None else w_absmax
     errors: dict[str, float] = {"none": group_error(x, weights, None, w_bits, a_bits, group_size, dynamic)}
     best: tuple[float, float | None, Tensor | None] = (errors["none"], None, None)
     for a in grid:
