@@ -7,7 +7,8 @@ Per block:
 2. for each scale group the introspection reports (``block.info.scale_groups``): skip it with a
    logged reason when it cannot be folded exactly (GELU between fc1 and fc2, fused producers,
    ...; GQA v->o is folded with scales tied across the query heads of each kv head); otherwise
-   compute s with the fixed ``alpha`` or the best ``alpha_grid`` candidate (no smoothing included) and fold it exactly with :func:`qcore.fold.fold_scale_group`;
+   compute s with the fixed ``alpha`` or the best ``alpha_grid`` candidate (no smoothing
+   included) and fold it exactly with :func:`qcore.fold.fold_scale_group`;
 3. ask for activation quantization on every quantizable linear (``qcore_act``: an
    :class:`~qcore.quant.act.ActQuant`, dynamic per token, or static per tensor with the scale
    calibrated from the smoothed range), which ``block.quantize_linear`` carries into the
