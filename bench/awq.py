@@ -104,21 +104,6 @@ def peer_main(name: str, cfg: dict) -> None:
 # ================================================================================================
 # bench mode (qcore's environment)
 # ================================================================================================
-def _save_float(model: Any, tok: Any, path: Path) -> None:
-    """Plain float32 Hugging Face folder (a GGUF-loaded model refuses ``save_pretrained``)."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    cfg = copy.deepcopy(model.config)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    clean.load_state_dict(model.state_dict())
-    clean.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-
 
 def _awq_times(model: Any) -> dict[str, Any]:
     rec = next(c for c in model.qcore_record["chain"] if c["method"] == "awq")["record"]
@@ -143,7 +128,7 @@ def bench_main(args: argparse.Namespace) -> None:
     from qcore.data import get_calibration
     from qcore.eval import perplexity
     from qcore.introspect import inspect_model
-    from qcore.models import load_model
+    from qcore.models import load_model, save_float
 
     torch.manual_seed(0)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qcore_awq_bench_"))
@@ -161,7 +146,7 @@ def bench_main(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = [{"bits": "-", "method": "float", "ppl": ppl(model), "seconds": None}]
     print(rows[-1], flush=True)
     if args.peers:
-        _save_float(model, tok, work / "float")
+        save_float(model, work / "float", tok)
         save_file({"input_ids": calib.input_ids.contiguous()}, str(work / "calib.safetensors"))
         info = inspect_model(model)
         linears = {f"{b.name}.{n}": li.in_features for b in info.blocks for n, li in b.linears.items()}

@@ -131,22 +131,6 @@ def _block_linears(model: Any) -> dict[str, int]:
     return {f"{b.name}.{n}": li.in_features for b in info.blocks for n, li in b.linears.items()}
 
 
-def _save_float(model: Any, tok: Any, path: Path) -> None:
-    """Save ``model`` as a plain float32 Hugging Face folder (a GGUF-loaded model refuses
-    ``save_pretrained``: rebuild it from its config without the quantization marker)."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    cfg = copy.deepcopy(model.config)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    clean.load_state_dict(model.state_dict())
-    clean.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-
 
 def _load_weights(model: Any, weights: dict[str, Any]) -> None:
     import torch
@@ -178,7 +162,7 @@ def bench_main(args: argparse.Namespace) -> None:
 
     import qcore
     from qcore.data import get_calibration
-    from qcore.models import load_model
+    from qcore.models import load_model, save_float
 
     torch.manual_seed(0)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qcore_gptq_bench_"))
@@ -191,7 +175,7 @@ def bench_main(args: argparse.Namespace) -> None:
     model, tok = fresh()
     float_dir = work / "float"
     if args.peers and not (float_dir / "config.json").is_file():
-        _save_float(model, tok, float_dir)
+        save_float(model, float_dir, tok)
     calib = get_calibration(args.calibration, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=0)
     save_file({"input_ids": calib.input_ids.contiguous()}, str(work / "calib.safetensors"))
     linears = _block_linears(model)

@@ -74,21 +74,6 @@ def _ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> tuple[float, i
     return res.ppl, res.n_predicted
 
 
-def _save_float(model: Any, path: Path) -> None:
-    """Save ``model`` as a plain float32 Hugging Face folder (a GGUF-loaded model refuses
-    ``save_pretrained``: rebuild it from its config without the quantization marker)."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    cfg = copy.deepcopy(model.config)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    clean = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    clean.load_state_dict(model.state_dict())
-    clean.save_pretrained(path, safe_serialization=True)
-
 
 def _load_weights(model: Any, weights: dict[str, Any]) -> None:
     import torch
@@ -127,7 +112,7 @@ def bench_main(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
     import qcore
-    from qcore.models import load_model
+    from qcore.models import load_model, save_float
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     rows: list[dict[str, Any]] = []
@@ -140,7 +125,7 @@ def bench_main(args: argparse.Namespace) -> None:
         tmp = Path(tmpdir)
         float_dir = tmp / "float"
         if not args.no_peer:
-            _save_float(model, float_dir)
+            save_float(model, float_dir)
         del model
 
         for bits in args.bits:

@@ -168,19 +168,6 @@ def speed_main(args: argparse.Namespace) -> None:
 # ================================================================================================
 # bench mode: runs in qcore's environment
 # ================================================================================================
-def _save_float(model: Any, out: Path) -> None:
-    """The float model as a plain Hugging Face folder (a GGUF-loaded model refuses save_pretrained)."""
-    import copy
-
-    from safetensors.torch import save_model
-
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = copy.deepcopy(model.config)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    cfg.save_pretrained(out)
-    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
-
 
 def bench_main(args: argparse.Namespace) -> None:
     import torch
@@ -189,7 +176,7 @@ def bench_main(args: argparse.Namespace) -> None:
     import qcore
     from qcore.data import get_calibration
     from qcore.eval import perplexity, token_stream, windows
-    from qcore.models import load_model
+    from qcore.models import load_model, save_float
     from qcore.quant.linear import QuantLinear
 
     if args.qcore_backend:  # e.g. "dense": fp32 fake quantization for every qcore row (study, not speed)
@@ -216,9 +203,7 @@ def bench_main(args: argparse.Namespace) -> None:
     print(rows[-1], flush=True)
     float_dir = work / "float"
     if args.peers:
-        _save_float(model, float_dir)
-        if tok is not None:
-            tok.save_pretrained(float_dir)
+        save_float(model, float_dir, tok)
         save_file({"input_ids": calib.input_ids.contiguous()}, str(work / "calib.safetensors"))
         save_file({"windows": win.contiguous()}, str(work / "eval.safetensors"))
     del model

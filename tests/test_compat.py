@@ -74,7 +74,8 @@ def test_ragged_mlp_suggests_per_channel_and_ignore() -> None:
     verdict = check(model, "rtn", group_size=32)
     assert verdict.reasons == ["group_size 32 does not divide in_features 172 of model.layers.0.mlp.down_proj "
                                "(and 1 more linear): use -1 (one scale per output channel)"]
-    assert 'or keep them in float with ignore=["*.mlp.down_proj"]' in verdict.recommendations
+    assert verdict.recommendations == ['keep them in float with ignore=["*.mlp.down_proj"]']
+    assert "Try: keep them in float" in verdict.message()
     assert check(model, "rtn", group_size=32, ignore=["*.mlp.down_proj"]).ok
     assert check(model, "rtn", group_size=-1).ok
 

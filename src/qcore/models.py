@@ -183,3 +183,45 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL,
                                       f"install it (for GGUF files: pip install gguf)") from None
         tokenizer = _load_tokenizer(path, extra if kind == "gguf" else None)
     return model.eval(), tokenizer
+
+
+def save_float(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write a float model as a plain Hugging Face folder (safetensors), atomically.
+
+    Unlike ``model.save_pretrained`` this also works for a model loaded from GGUF (such as
+    ``smollm2-135m``), which transformers marks as quantized and refuses to save: the model is
+    rebuilt from its config without that marker. Everything is written to a temporary folder
+    beside ``path`` and renamed into place. Returns the resolved path.
+    """
+    import copy
+    import shutil
+    import tempfile
+
+    from qcore.io import _check_replaceable, _replace_dir
+
+    if getattr(model, "qcore_record", None) is not None:
+        raise CheckpointError("this model was quantized by qcore: save it with qcore.save(model, path)")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        raise CheckpointError(f"{type(model).__name__} has no Hugging Face config; save_float needs a "
+                              "transformers model (PreTrainedModel)")
+    target = Path(path).expanduser().absolute()
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    dtype = next(model.parameters()).dtype
+    clean = type(model)(cfg).to(dtype)
+    clean.load_state_dict(model.state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qcore-tmp-", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        os.chmod(tmp, 0o755)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
