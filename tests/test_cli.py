@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from qcore.cli import build_parser, main
+from qcore.testing import requires_shared
 
 COMMANDS = ["list", "plugins", "compat", "check", "quantize", "eval", "info", "finetune"]
 
@@ -51,3 +52,19 @@ def test_bad_option_syntax_is_one_line(capsys: pytest.CaptureFixture) -> None:
 def test_debug_shows_traceback() -> None:
     out = qcore_cli("--debug", "info", "/nonexistent/qcore/dir")
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_ignore_flag_is_an_option() -> None:
+    from qcore.cli import parse_options
+
+    args = build_parser().parse_args(["check", "tiny-llama", "--group-size", "32", "--ignore", "*.mlp.down_proj"])
+    assert parse_options(args) == {"group_size": 32, "ignore": ["*.mlp.down_proj"]}
+
+
+@requires_shared
+def test_ignore_flag_makes_a_ragged_model_fit(capsys: pytest.CaptureFixture) -> None:
+    # stories260K's down_proj reads 172 features: group 32 fits only with it kept in float
+    assert main(["check", "stories260k", "--group-size", "32"]) == 1
+    cap = capsys.readouterr()
+    assert 'ignore=["*.mlp.down_proj"]' in cap.out + cap.err
+    assert main(["check", "stories260k", "--group-size", "32", "--ignore", "*.mlp.down_proj"]) == 0

@@ -80,6 +80,15 @@ def test_ragged_mlp_suggests_per_channel_and_ignore() -> None:
     assert check(model, "rtn", group_size=-1).ok
 
 
+
+def test_chain_message_names_a_shared_problem_once() -> None:
+    model = tiny_model("llama", intermediate_size=172)
+    verdict = check(model, ["rtn", "rtn"], group_size=32)
+    assert sum("does not divide" in r for r in verdict.reasons) == 2  # each method reports it ...
+    assert verdict.message().count("does not divide") == 1  # ... the message says it once
+    assert verdict.message().count("keep them in float") == 1
+
+
 @requires_shared
 def test_real_stories260k() -> None:
     from transformers import AutoModelForCausalLM

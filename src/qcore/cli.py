@@ -111,6 +111,8 @@ def _method_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--bits", type=int, help="weight bits")
     s.add_argument("--group-size", type=int, help="columns per scale (-1 = per channel)")
     s.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid")
+    s.add_argument("--ignore", nargs="+", metavar="PATTERN", help="module name patterns to keep in float "
+                   "(fnmatch, e.g. '*.mlp.down_proj')")
     s.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method option; VALUE is parsed as JSON when it can be")
     s.add_argument("--config", help="JSON file of options")
@@ -144,7 +146,7 @@ def parse_options(args: argparse.Namespace) -> dict[str, Any]:
             options[key.strip().replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             options[key.strip().replace("-", "_")] = value
-    for name in ("bits", "group_size", "sym"):
+    for name in ("bits", "group_size", "sym", "ignore"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     return options

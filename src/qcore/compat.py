@@ -63,9 +63,10 @@ class Verdict:
         if self.ok:
             return f"{' + '.join(self.methods)} can quantize this {self.family or 'model'}"
         target = f" on {self.family}" if self.family else ""
-        text = f"cannot quantize with {' + '.join(self.methods) or '?'}{target}: " + "; ".join(self.reasons)
+        reasons = dict.fromkeys(self.reasons)  # a chain's methods may each report the same problem
+        text = f"cannot quantize with {' + '.join(self.methods) or '?'}{target}: " + "; ".join(reasons)
         if self.recommendations:
-            text += ". Try: " + "; ".join(self.recommendations)
+            text += ". Try: " + "; ".join(dict.fromkeys(self.recommendations))
         return text
 
     def raise_if_failed(self) -> None:
