@@ -186,14 +186,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any = None,
         raise CheckpointError(f"{type(model).__name__} has no Hugging Face config; qcore.save needs a "
                               "transformers model (PreTrainedModel)")
     max_bytes = parse_size(max_shard_size)
-    target = Path(path).expanduser().absolute()
-    _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-
     state, tied = dedupe_tied(_state_for_save(model))
     qconfig = _quantization_config(model, record, tied)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qcore-tmp-", dir=target.parent))
-    try:
+    with atomic_dir(path) as tmp:
         files = _write_weights(state, tmp, max_bytes)
         qconfig["checkpoint"]["files"] = files
         config_dict = json.loads(config.to_json_string(use_diff=False))
@@ -205,6 +200,23 @@ def save(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any = None,
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+    target = Path(path).expanduser().absolute()
+    log.info("saved %s (%d weight file(s), %d quantized modules)", target, len(files),
+             len(qconfig["modules"]))
+    return target
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it is synced and renamed to
+    ``path`` (an earlier checkpoint there is replaced), on failure deleted, leaving ``path`` as
+    it was. Refuses to replace a directory that does not look like a checkpoint."""
+    target = Path(path).expanduser().absolute()
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qcore-tmp-", dir=target.parent))
+    try:
+        yield tmp
         for f in tmp.iterdir():
             if f.is_file():
                 _fsync_file(f)
@@ -214,9 +226,6 @@ def save(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any = None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("saved %s (%d weight file(s), %d quantized modules)", target, len(files),
-             len(qconfig["modules"]))
-    return target
 
 
 def _can_generate(model: nn.Module) -> bool:

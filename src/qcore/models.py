@@ -194,10 +194,8 @@ def save_float(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None)
     beside ``path`` and renamed into place. Returns the resolved path.
     """
     import copy
-    import shutil
-    import tempfile
 
-    from qcore.io import _check_replaceable, _replace_dir
+    from qcore.io import atomic_dir
 
     if getattr(model, "qcore_record", None) is not None:
         raise CheckpointError("this model was quantized by qcore: save it with qcore.save(model, path)")
@@ -205,23 +203,14 @@ def save_float(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise CheckpointError(f"{type(model).__name__} has no Hugging Face config; save_float needs a "
                               "transformers model (PreTrainedModel)")
-    target = Path(path).expanduser().absolute()
-    _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     dtype = next(model.parameters()).dtype
     clean = type(model)(cfg).to(dtype)
     clean.load_state_dict(model.state_dict())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qcore-tmp-", dir=target.parent))
-    try:
+    with atomic_dir(path) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return Path(path).expanduser().absolute()
