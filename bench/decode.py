@@ -33,13 +33,32 @@ from qcore.models import DEFAULT_MODEL, load_model  # noqa: E402
 PROMPT = "Once upon a time, in a small town by the sea, there lived"
 
 
-def variants(model: nn.Module, groups: list[int]) -> dict[str, nn.Module]:
-    """name -> model: float32, bfloat16 and RTN 4-bit at each group size."""
+def backend_counts(model: nn.Module) -> str:
+    """How many QuantLinear layers each backend runs, e.g. ``int4_native x210``."""
+    from collections import Counter
+
+    from qcore.quant.linear import QuantLinear
+
+    counts = Counter(m.select_backend() for m in model.modules() if isinstance(m, QuantLinear))
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
+
+def variants(model: nn.Module, groups: list[int], torch_kernel: bool) -> dict[str, nn.Module]:
+    """name -> model: float32, bfloat16 and RTN 4-bit at each group size (the backends ``auto``
+    picks; with ``torch_kernel`` also each forced to torch's int4 kernel, ``int4_cpu``)."""
+    from qcore.quant.linear import QuantLinear
+
     out = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
     for g in groups:
         q = copy.deepcopy(model)
         qcore.quantize(q, "rtn", bits=4, group_size=g)
         out[f"rtn w4 g{g}"] = q
+        if torch_kernel:
+            t = copy.deepcopy(q)
+            for m in t.modules():
+                if isinstance(m, QuantLinear) and m.why_not("int4_cpu") is None:
+                    m.backend = "int4_cpu"
+            out[f"rtn w4 g{g} (torch kernel)"] = t
     return out
 
 
@@ -59,12 +78,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--groups", default="32,64", help="comma-separated group sizes for the 4-bit rows")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-torch-kernel", action="store_true",
+                    help="skip the 4-bit rows forced to torch's int4 kernel")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    models = variants(model, [int(g) for g in args.groups.split(",") if g])
+    models = variants(model, [int(g) for g in args.groups.split(",") if g], not args.no_torch_kernel)
     times: dict[str, list[float]] = {k: [] for k in models}
     texts: dict[str, str] = {}
     for name, m in models.items():  # warm-up: kernel packs, caches
@@ -79,6 +100,7 @@ def main() -> None:
     for name, ts in times.items():
         tps = args.new_tokens / statistics.median(ts)
         rows.append({"variant": name, "tokens/s": round(tps, 1), "vs float32": f"{tps / base:.2f}x",
+                     "backends": backend_counts(models[name]) or "-",
                      "first tokens": texts[name][:40].replace("\n", " ")})
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {args.threads} threads, {args.model}, prompt {ids.shape[1]} tokens, "

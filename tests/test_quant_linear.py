@@ -36,10 +36,16 @@ def act_order_weight(bits: int, gs: int, out_f: int = 64, in_f: int = 256) -> Qu
     return QuantizedWeight(quantize_codes(w, s, z, bits, gs, g_idx), s, z, bits, gs, False, g_idx)
 
 
-# (bits, group, sym) -> the backend auto picks on CPU
-AUTO = [((4, 128, False), "int4_cpu"), ((4, 32, True), "int4_cpu"), ((4, -1, False), "int4_cpu"),
+def int4_backend(in_f: int = 256, out_f: int = 64) -> str:
+    """The int4 kernel ``auto`` picks on this machine: qcore's own where it builds and runs (CPUs
+    with AVX512-BF16), else torch's."""
+    return "int4_native" if kernels.int4_native_reason(in_f, out_f, 4, 128, None) is None else "int4_cpu"
+
+
+# (bits, group, sym) -> the backend auto picks on CPU ("int4": see int4_backend)
+AUTO = [((4, 128, False), "int4"), ((4, 32, True), "int4"), ((4, -1, False), "int4"),
         ((8, -1, True), "int8_cpu"), ((8, -1, False), "int8_cpu"), ((8, 64, False), "dense"),
-        ((3, 64, False), "int4_cpu"), ((2, 32, True), "int4_cpu"), ((4, 16, False), "dense"),
+        ((3, 64, False), "int4"), ((2, 32, True), "int4"), ((4, 16, False), "dense"),
         ((5, 32, False), "dense"), ((3, 16, True), "dense")]
 
 
@@ -53,8 +59,8 @@ def test_backends_agree_with_reference(cfg: tuple[int, int, bool], expected: str
     w_hat = dequantize_codes(qw.codes, qw.scales.to(mod.scale_dtype), qw.zeros.to(mod.scale_dtype), qw.group_size)
     assert torch.allclose(ref, x @ w_hat.t() + mod.bias, atol=1e-4)
     mod.backend = "auto"
-    assert mod.select_backend() == expected
-    for backend in ("auto", "dense", "dense_bf16", "int4_cpu", "int8_cpu"):
+    assert mod.select_backend() == (int4_backend() if expected == "int4" else expected)
+    for backend in ("auto", "dense", "dense_bf16", "int4_native", "int4_cpu", "int8_cpu"):
         if mod.why_not(backend) is not None:
             continue
         mod.backend = backend
@@ -67,7 +73,7 @@ def test_backends_agree_with_reference(cfg: tuple[int, int, bool], expected: str
 def test_act_order_int4_kernel() -> None:
     qw = act_order_weight(4, 64)
     mod = QuantLinear.from_quantized(qw, None)
-    assert mod.select_backend() == "int4_cpu"
+    assert mod.select_backend() == int4_backend()
     x = torch.randn(5, 256)
     mod.backend = "reference"
     ref = mod(x)
@@ -166,7 +172,7 @@ def test_memory_group128(bits: int, stored: float, resident: float) -> None:
     buffers = sum(b.numel() * b.element_size() for b in mod.buffers())
     assert buffers / fp16_bytes <= stored
     mod(torch.randn(1, in_f))  # builds the int4 kernel pack
-    assert mod.select_backend() == "int4_cpu"
+    assert mod.select_backend() == int4_backend(in_f, out_f)
     # the kernel pack (0.5 B/weight + a bf16 scale/offset table) stands in for all three buffers
     assert mod.released_buffers() == {"qweight", "scales", "qzeros"}
     assert mod.qweight.shape == (out_f, in_f * bits // 32) and mod.qweight.untyped_storage().nbytes() == 4
@@ -265,7 +271,7 @@ def test_w8a8_matches_fake_quant_reference(sym: bool, m: int) -> None:
 def test_w8a8_only_for_8bit_per_channel_weights() -> None:
     mod, _ = make(4, 64, False, act=ActQuant(8))
     assert "4-bit" in (mod.why_not("w8a8") or "")
-    assert mod.select_backend() == "int4_cpu"  # fake-quantized A8 input, int4 weight kernel
+    assert mod.select_backend() == int4_backend()  # fake-quantized A8 input, int4 weight kernel
     mod, _ = make(8, 64, False, act=ActQuant(8))
     assert "grouped" in (mod.why_not("w8a8") or "")
     assert mod.select_backend() == "dense"
@@ -289,7 +295,7 @@ def test_static_and_a4_paths() -> None:
     x = torch.randn(4, 256)
     out = mod4(x)
     w4 = dequantize_codes(qw4.codes, qw4.scales.to(mod4.scale_dtype), qw4.zeros.to(mod4.scale_dtype), 128)
-    assert mod4.select_backend() == "int4_cpu"
+    assert mod4.select_backend() == int4_backend()
     assert rel(out, fake_quant_act(x, ActQuant(4)) @ w4.t() + mod4.bias) < BACKEND_RTOL
     assert rel(out, x @ w4.t() + mod4.bias) > 0.05  # A4 really quantizes the input
 

@@ -10,6 +10,11 @@ Every backend computes ``x @ w_hat.T`` for ``w_hat = (codes - zeros[g]) * scales
   larger group (or per-channel) is expressed with repeated scales. Act-order ``g_idx`` whose
   groups each hold ``group_size`` columns is handled by permuting the weight columns once and
   the activation columns per call.
+* ``int4_native``: qcore's own compiled kernel (:mod:`qcore.quant.native`, CPUs with
+  AVX512-BF16): codes in a tiled layout that streams sequentially, bf16 scales/zeros (the stored
+  values), bf16 activations with fp32 accumulation. Up to :data:`NATIVE_KERNEL_MAX_ROWS` rows it
+  runs its GEMV/small-GEMM kernel (each weight byte read once per 4 activation rows); above, it
+  dequantizes into a reused bf16 scratch weight and runs a dense bf16 matmul (prefill).
 * ``int4_cuda``: the same math through torch's CUDA int4 kernel (``_convert_weight_to_int4pack``
   on two codes per byte + ``_weight_int4pack_mm``, bf16; compute capability 8.0 or newer;
   in_features a multiple of 32, out_features of 16; see :func:`int4_cuda_reason`).
@@ -23,6 +28,7 @@ Every backend computes ``x @ w_hat.T`` for ``w_hat = (codes - zeros[g]) * scales
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +40,11 @@ INT4_CUDA_MAX_ROWS = 256
 (H200, bench/kernels_cuda.py: the int4 kernel wins up to 128 rows, the per-call dequantize at 512)."""
 INT4_CUDA_INNER_K_TILES: tuple[int, ...] = (8, 4, 2)
 """Tilings the CUDA int4 kernel accepts; in_features must be a multiple of 16 x tiles."""
+NATIVE_KERNEL_MAX_ROWS = 40
+"""Rows up to which ``int4_native`` runs its own kernel; above, dequantize + bf16 matmul.
+Measured (4096x4096 g128, 2 threads, ms; own kernel / dequantize + bf16 / torch's int4 kernel):
+8 rows 1.5 / 4.1 / 1.9; 32 rows 4.6 / 5.4 / 6.5; 48 rows 6.8 / 6.4 / 9.5; 64 rows 9.2 / 8.1 / 12.9;
+512 rows 80 / 48 / 109."""
 W8A8_SMALL_BATCH = 8
 """Rows (2 to this) for which the CPU w8a8 path uses ``_weight_int8pack_mm`` instead of
 ``torch._int_mm`` (4096x4096, 2 threads: ``_int_mm`` 0.27 ms at 1 row, 3.5 ms at 4 and 8 rows;
@@ -127,6 +138,78 @@ def int4_cpu_mm(x: Tensor, pack: Int4CpuPack) -> Tensor:
     xb = x if pack.perm is None else x.index_select(-1, pack.perm)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(
         xb.to(torch.bfloat16).contiguous(), pack.packed, pack.kgroup, pack.scale_zeros)
+    return y.to(x.dtype)
+
+
+@dataclass
+class NativeQ4Pack:
+    words: Tensor           # int16 [N * K / 4], :func:`qcore.quant.native.pack_tiled`
+    scales: Tensor          # bf16 [N, K / group]
+    zeros: Tensor           # bf16 [N, K / group]
+    group: int              # the kernel's group (in_features for per-channel)
+    perm: Tensor | None     # activation column permutation (act-order) or None
+
+
+def int4_native_reason(in_features: int, out_features: int, bits: int, group_size: int,
+                       g_idx: Tensor | None) -> str | None:
+    """Why qcore's native kernel cannot run this layer here (None when it can)."""
+    from qcore.quant import native
+
+    reason = native.shape_reason(in_features, out_features, bits, group_size)
+    if reason is None and g_idx is not None and _act_order_perm(g_idx, group_size, in_features) is None:
+        reason = "act-order groups of unequal size"
+    if reason is None:
+        reason = native.unavailable_reason()  # builds the library on first use
+    return reason
+
+
+def build_int4_native(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                      g_idx: Tensor | None = None) -> NativeQ4Pack:
+    from qcore.quant import native
+
+    n, k = codes.shape
+    perm = None if g_idx is None else _act_order_perm(g_idx, group_size, k)
+    c = codes if perm is None else codes[:, perm]
+    return NativeQ4Pack(native.pack_tiled(c.contiguous()), scales.to(torch.bfloat16).contiguous(),
+                        zeros.to(torch.bfloat16).contiguous(), k if group_size == -1 else group_size, perm)
+
+
+def recover_int4_native_codes(pack: NativeQ4Pack, n: int, k: int) -> Tensor:
+    """The uint8 ``[N, K]`` codes of a native pack (in the original column order)."""
+    from qcore.quant import native
+
+    out = native.unpack_tiled(pack.words, n, k)
+    if pack.perm is not None:
+        restored = torch.empty_like(out)
+        restored[:, pack.perm] = out
+        out = restored
+    return out
+
+
+_scratch = threading.local()
+
+
+def _scratch_bf16(n: int, k: int) -> Tensor:
+    """A per-thread bf16 ``[n, k]`` buffer reused across calls and layers (a fresh 32 MiB
+    tensor costs ~10 ms of page faults here, 10x the dequantize itself)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n * k:
+        buf = torch.empty(n * k, dtype=torch.bfloat16)
+        _scratch.buf = buf
+    return buf[: n * k].view(n, k)
+
+
+def int4_native_mm(x: Tensor, pack: NativeQ4Pack) -> Tensor:
+    """``x [M, K] -> [M, N]`` in x's dtype."""
+    from qcore.quant import native
+
+    xp = x if pack.perm is None else x.index_select(-1, pack.perm)
+    n, k = pack.scales.shape[0], x.shape[-1]
+    if x.shape[0] <= NATIVE_KERNEL_MAX_ROWS:
+        y = native.q4_mm(xp, pack.words, pack.scales, pack.zeros, pack.group)
+    else:
+        w = native.q4_dequant_bf16(pack.words, pack.scales, pack.zeros, pack.group, k, out=_scratch_bf16(n, k))
+        y = torch.nn.functional.linear(xp.to(torch.bfloat16), w)
     return y.to(x.dtype)
 
 

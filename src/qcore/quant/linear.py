@@ -14,6 +14,10 @@ Backends (``QuantLinear.backend`` attribute, or env ``QCORE_QLINEAR_BACKEND`` to
 every layer; ``"auto"`` picks per layer and device):
 
 ==============  =========================================================================
+``int4_native`` CPU with AVX512-BF16 and a C compiler, 1-4 bits, in_features a multiple of
+                128, out_features of 4, group a multiple of 32 (or per channel): qcore's own
+                kernel (:mod:`qcore.quant.native`; bf16 activations, fp32 accumulation),
+                built once per machine. Buffers are released as with ``int4_cpu``.
 ``int4_cpu``    CPU, 1-4 bits, group a multiple of 32 (or per channel): torch's packed int4
                 kernel with bf16 activations (2/3-bit codes run as 4-bit codes: the stored
                 format stays 2/3-bit). The kernel pack is built on the first forward and
@@ -70,10 +74,10 @@ from qcore.quant.primitives import QuantizedWeight, check_bits, check_group_size
 log = get_logger("qcore.quant.linear")
 
 BACKEND_ENV = "QCORE_QLINEAR_BACKEND"
-BACKENDS: tuple[str, ...] = ("auto", "int4_cpu", "int4_cuda", "int8_cpu", "w8a8", "dense", "dense_bf16",
+BACKENDS: tuple[str, ...] = ("auto", "int4_native", "int4_cpu", "int4_cuda", "int8_cpu", "w8a8", "dense", "dense_bf16",
                               "reference")
-KERNEL_BACKENDS: frozenset[str] = frozenset({"int4_cpu", "int4_cuda", "int8_cpu", "w8a8"})
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("w8a8", "int4_cpu", "int8_cpu"), "cuda": ("w8a8", "int4_cuda")}
+KERNEL_BACKENDS: frozenset[str] = frozenset({"int4_native", "int4_cpu", "int4_cuda", "int8_cpu", "w8a8"})
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("w8a8", "int4_native", "int4_cpu", "int8_cpu"), "cuda": ("w8a8", "int4_cuda")}
 """Kernels ``auto`` tries per device type, in order; ``dense`` when none can run the layer."""
 BACKEND_RTOL = 1e-2
 """Max relative error (Frobenius) of any backend's output against ``reference``."""
@@ -202,10 +206,17 @@ class QuantLinear(nn.Module):
     def _recovered(self, name: str) -> Tensor:
         if name == "qweight":
             return pack_codes(self._recover_codes(), self.bits)
-        s, z = kernels.int4_cpu_scales_zeros(self._cache, self.group_size, self.in_features)
+        s, z = self._pack_scales_zeros(self._cache)
         return (s if name == "scales" else z).to(self.scale_dtype)
 
+    def _pack_scales_zeros(self, pack: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(pack, kernels.NativeQ4Pack):
+            return pack.scales, pack.zeros
+        return kernels.int4_cpu_scales_zeros(pack, self.group_size, self.in_features)
+
     def _recover_codes(self) -> Tensor:
+        if isinstance(self._cache, kernels.NativeQ4Pack):
+            return kernels.recover_int4_native_codes(self._cache, self.out_features, self.in_features)
         if isinstance(self._cache, kernels.Int4CpuPack):
             return kernels.recover_int4_cpu_codes(self._cache, self.out_features, self.in_features)
         return kernels.int8_codes(self._cache)
@@ -256,6 +267,11 @@ class QuantLinear(nn.Module):
         cpu = device.type == "cpu"
         if backend in ("dense", "dense_bf16", "reference"):
             return None
+        if backend == "int4_native":
+            if not cpu:
+                return "int4_native runs on CPU only"
+            return kernels.int4_native_reason(self.in_features, self.out_features, self.bits,
+                                              self.group_size, self.g_idx)
         if backend == "int4_cpu":
             if not cpu:
                 return "int4_cpu runs on CPU only"
@@ -302,7 +318,9 @@ class QuantLinear(nn.Module):
 
     def _build_cache(self, backend: str, dtype: torch.dtype, device: torch.device, key: tuple) -> Any:
         self.release_cache()
-        if backend == "int4_cpu":
+        if backend == "int4_native":
+            cache = kernels.build_int4_native(self.codes(), self.scales, self.qzeros, self.group_size, self.g_idx)
+        elif backend == "int4_cpu":
             cache = kernels.build_int4_cpu(self.codes(), self.scales, self.qzeros, self.group_size,
                                            self.g_idx, self.bits)
         elif backend == "int4_cuda":
@@ -316,8 +334,8 @@ class QuantLinear(nn.Module):
         self._cache, self._cache_key = cache, key
         if backend not in ("dense", "int4_cuda") and self.release_qweight:  # the CUDA pack is not read back
             self._release("qweight")
-            if backend == "int4_cpu":
-                s, z = kernels.int4_cpu_scales_zeros(cache, self.group_size, self.in_features)
+            if backend in ("int4_cpu", "int4_native"):
+                s, z = self._pack_scales_zeros(cache)
                 if torch.equal(s.to(self.scale_dtype), self.scales) and torch.equal(z.to(self.scale_dtype), self.qzeros):
                     self._release("scales")
                     self._release("qzeros")
@@ -361,6 +379,8 @@ class QuantLinear(nn.Module):
 
     def _kernel_mm(self, x2: Tensor, backend: str) -> Tensor:
         cache = self._get_cache(backend, x2.dtype, x2.device)
+        if backend == "int4_native":
+            return kernels.int4_native_mm(x2, cache)
         if backend == "int4_cpu":
             return kernels.int4_cpu_mm(x2, cache)
         if backend == "int4_cuda":

@@ -1,0 +1,188 @@
+"""qcore's own compiled CPU kernel (``q4_avx512.c``): a 4-bit matmul for CPUs with AVX512-BF16.
+
+Built on first use with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native
+-fopenmp``, about a second) into ``$QCORE_CACHE_DIR`` (default ``~/.cache/qcore``), keyed by
+the source, the compiler and this CPU, written to a temporary name and renamed (a crash never
+leaves a half-written library). It is loaded with ``ctypes``; its OpenMP threads are torch's
+(the same ``libgomp.so.1``), their number ``torch.get_num_threads()``.
+
+When it cannot be used -- no compiler, a CPU without AVX512-BF16, a failed build, or
+``QCORE_NATIVE=0`` -- :func:`unavailable_reason` says why and QuantLinear runs torch's int4
+kernel instead; nothing else changes.
+
+Pure tensor functions here: :func:`pack_tiled` / :func:`unpack_tiled` convert between codes
+``uint8 [N, K]`` and the kernel's tiled layout (see the C file's header).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qcore.progress import get_logger
+
+log = get_logger("qcore.quant.native")
+
+SOURCE = Path(__file__).with_name("q4_avx512.c")
+CFLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+ABI = 1
+ROWS = 4
+"""Output rows per tile: out_features must be a multiple of this."""
+BLOCK = 128
+"""Input columns per block (a last, partial block is padded with zero codes)."""
+SLICE = 32
+"""in_features and the group size must be multiples of this."""
+ENV_DISABLE = "QCORE_NATIVE"
+ENV_CACHE = "QCORE_CACHE_DIR"
+
+_c_int = ctypes.c_int
+_ptr = ctypes.c_void_p  # tensors are passed as data_ptr() integers
+
+
+def cache_dir() -> Path:
+    base = os.environ.get(ENV_CACHE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qcore")
+    return Path(base) / "native"
+
+
+def _cpu_id() -> str:
+    """This CPU's model and flags (a library built with -march=native is only for this CPU)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC") or "cc"
+    return shutil.which(cc)
+
+
+def _build(cc: str) -> Path:
+    """Compile the kernel (once per source/compiler/CPU) and return the library's path."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version, _cpu_id()]).encode())
+    out_dir = cache_dir()
+    lib = out_dir / f"q4_avx512-{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("compiling qcore's CPU kernel into %s (once)", lib)
+    fd, tmp = tempfile.mkstemp(prefix=lib.name + ".", suffix=".tmp", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get(ENV_DISABLE, "1") == "0":
+        return None, f"disabled by {ENV_DISABLE}=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"needs an x86-64 CPU with AVX512-BF16 (this is {platform.machine()})"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install gcc/clang)"
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("qcore's CPU kernel could not be built, using torch's int4 kernel: %s", exc)
+        return None, f"build failed: {exc}"
+    if lib.qc_abi() != ABI:
+        return None, f"stale library (ABI {lib.qc_abi()}, expected {ABI}); delete {cache_dir()}"
+    if not lib.qc_supported():
+        return None, "this CPU has no AVX512-BF16"
+    for name in ("qc_q4_gemv", "qc_q4_dequant_bf16"):
+        getattr(lib, name).restype = None
+    lib.qc_q4_gemv.argtypes = [_ptr] * 5 + [_c_int] * 5
+    lib.qc_q4_dequant_bf16.argtypes = [_ptr] * 4 + [_c_int] * 4
+    return lib, None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernel cannot run here (None when it can); builds it on first call."""
+    return _load()[1]
+
+
+def available() -> bool:
+    return _load()[0] is not None
+
+
+def shape_reason(in_features: int, out_features: int, bits: int, group_size: int) -> str | None:
+    """Why the kernel cannot run a layer of this shape (None when it can)."""
+    if bits > 4:
+        return f"{bits}-bit weights (the kernel takes codes of at most 4 bits)"
+    if in_features % SLICE or out_features % ROWS:
+        return f"in_features must be a multiple of {SLICE} and out_features of {ROWS}"
+    gs = in_features if group_size == -1 else group_size
+    if gs % SLICE:
+        return f"group size {gs} is not a multiple of {SLICE}"
+    return None
+
+
+def pack_tiled(codes: Tensor) -> Tensor:
+    """uint8 codes ``[N, K]`` (values < 16) -> the kernel's int16 tiled layout
+    ``[N * ceil(K / 128) * 32]`` (a partial last block padded with zero codes)."""
+    n, k = codes.shape
+    kp = -(-k // BLOCK) * BLOCK
+    c = torch.nn.functional.pad(codes.to(torch.int32), (0, kp - k)).reshape(n // ROWS, ROWS, kp // BLOCK, 4, 32)  # tile, row, block, nibble, lane
+    c = c.permute(0, 2, 1, 4, 3)  # tile, block, row, lane, nibble
+    shifts = torch.arange(4, dtype=torch.int32) * 4
+    words = (c << shifts).sum(-1)  # < 2**16
+    return words.to(torch.int32).where(words < 2**15, words - 2**16).to(torch.int16).reshape(-1).contiguous()
+
+
+def unpack_tiled(words: Tensor, n: int, k: int) -> Tensor:
+    """Inverse of :func:`pack_tiled`."""
+    kp = -(-k // BLOCK) * BLOCK
+    w = words.to(torch.int32) & 0xFFFF
+    c = (w.reshape(n // ROWS, kp // BLOCK, ROWS, 32, 1) >> (torch.arange(4, dtype=torch.int32) * 4)) & 0xF
+    return c.permute(0, 2, 1, 4, 3).reshape(n, kp)[:, :k].to(torch.uint8).contiguous()
+
+
+def q4_mm(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """``x [M, K] float32 -> [M, N] float32`` with the tiled weight (bf16 scales/zeros [N, K/G])."""
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"qcore's native kernel is unavailable: {reason}")
+    m, k = x.shape
+    n = scales.shape[0]
+    x = x.to(torch.float32).contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.qc_q4_gemv(words.data_ptr(), scales.data_ptr(), zeros.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k,
+                   k if group_size == -1 else group_size, torch.get_num_threads())
+    return y
+
+
+def q4_dequant_bf16(words: Tensor, scales: Tensor, zeros: Tensor, group_size: int, k: int,
+                    out: Tensor | None = None) -> Tensor:
+    """The bf16 ``[N, K]`` weight ``s * (q - z)`` (for batches a dense bf16 matmul runs faster),
+    written into ``out`` when given."""
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"qcore's native kernel is unavailable: {reason}")
+    n = scales.shape[0]
+    if out is None:
+        out = torch.empty(n, k, dtype=torch.bfloat16)
+    assert out.shape == (n, k) and out.dtype == torch.bfloat16 and out.is_contiguous()
+    lib.qc_q4_dequant_bf16(words.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), n, k,
+                           k if group_size == -1 else group_size, torch.get_num_threads())
+    return out

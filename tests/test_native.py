@@ -1,0 +1,167 @@
+"""qcore's compiled 4-bit CPU kernel (``int4_native``): layout, numerics, fallback, build cache."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qcore.quant import kernels, native
+from qcore.quant.linear import BACKEND_RTOL, QuantLinear
+from qcore.quant.packing import unpack_codes
+from qcore.quant.primitives import QuantizedWeight, dequantize_codes, quant_params, quantize_codes, quantize_rtn
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.unavailable_reason()}")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@settings(max_examples=30, deadline=None)
+@given(tiles=st.integers(1, 4), slices=st.integers(1, 13), seed=st.integers(0, 2**16))
+def test_tiled_layout_round_trip(tiles: int, slices: int, seed: int) -> None:
+    n, k = tiles * native.ROWS, slices * native.SLICE
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    words = native.pack_tiled(codes)
+    padded_k = -(-k // native.BLOCK) * native.BLOCK
+    assert words.dtype == torch.int16 and words.numel() * 2 == n * padded_k // 2  # 4 bits per code
+    assert torch.equal(native.unpack_tiled(words, n, k), codes)
+
+
+def test_tiled_layout_is_the_documented_one() -> None:
+    """Lane l of row r in block b holds columns 128 b + l + 32 j in nibble j (the C file's header)."""
+    n, k = 8, 256
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    words = native.pack_tiled(codes).to(torch.int32) & 0xFFFF
+    t, b, r, lane = 1, 1, 2, 5
+    word = int(words[((t * (k // 128) + b) * native.ROWS + r) * 32 + lane])
+    for j in range(4):
+        assert (word >> (4 * j)) & 15 == int(codes[t * native.ROWS + r, 128 * b + lane + 32 * j])
+
+
+def test_shape_reasons() -> None:
+    assert native.shape_reason(256, 64, 4, 128) is None
+    assert native.shape_reason(576, 192, 4, 64) is None  # a partial last block (SmolLM2's width)
+    assert "multiple of 32" in (native.shape_reason(200, 64, 4, 40) or "")
+    assert "out_features" in (native.shape_reason(256, 66, 4, 128) or "")
+    assert "multiple of 32" in (native.shape_reason(256, 64, 4, 16) or "")
+    assert "5-bit" in (native.shape_reason(256, 64, 5, 128) or "")
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,gs,sym", [(4, 64, False), (4, 32, True), (4, 192, False), (4, 288, False),
+                                         (4, -1, False), (3, 64, False), (2, 32, True)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, kernels.NATIVE_KERNEL_MAX_ROWS + 1])
+def test_kernel_matches_float64(bits: int, gs: int, sym: bool, rows: int) -> None:
+    """Exact up to fp32 accumulation against the float64 product of the SAME bf16 activations,
+    and within the backends' tolerance of the fp32 product."""
+    g = torch.Generator().manual_seed(bits * 1000 + rows)
+    n, k = 96, 576  # 4.5 blocks: the partial last block is exercised too
+    qw = quantize_rtn(torch.randn(n, k, generator=g), bits, gs, sym)
+    s, z = qw.scales.bfloat16(), qw.zeros.bfloat16()
+    pack = kernels.build_int4_native(qw.codes, s, z, gs)
+    w_hat = dequantize_codes(qw.codes, s.float(), z.float(), gs)
+    x = torch.randn(rows, k, generator=g)
+    y = kernels.int4_native_mm(x, pack)
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    if rows <= kernels.NATIVE_KERNEL_MAX_ROWS:
+        assert rel(y, x.bfloat16().double() @ w_hat.double().t()) < 1e-4
+    else:  # dequantize + bf16 matmul: the bf16 weight is exact, the matmul is bf16
+        assert torch.equal(native.q4_dequant_bf16(pack.words, s, z, pack.group, k), w_hat.bfloat16())
+    assert rel(y, x.double() @ w_hat.double().t()) < BACKEND_RTOL
+
+
+@needs_kernel
+def test_kernel_uses_zeros_and_scales() -> None:
+    """Wrong zeros or scales give a wrong answer (the comparisons above can fail)."""
+    qw = quantize_rtn(torch.randn(64, 256), 4, 64, False)
+    s, z = qw.scales.bfloat16(), qw.zeros.bfloat16()
+    x = torch.randn(1, 256)
+    ref = x @ qw.dequantize().t()
+    good = kernels.build_int4_native(qw.codes, s, z, 64)
+    assert rel(kernels.int4_native_mm(x, good), ref) < BACKEND_RTOL
+    for bad in (kernels.build_int4_native(qw.codes, s, torch.zeros_like(z), 64),
+                kernels.build_int4_native(qw.codes, s.flip(1).contiguous(), z, 64)):
+        assert rel(kernels.int4_native_mm(x, bad), ref) > 0.1
+
+
+@needs_kernel
+def test_quantlinear_native_act_order_and_release() -> None:
+    torch.manual_seed(5)
+    n, k, gs = 64, 256, 64
+    w = torch.randn(n, k)
+    g_idx = (torch.argsort(torch.randperm(k)) // gs).to(torch.int32)
+    cols = torch.argsort(g_idx.long(), stable=True)
+    s, z = quant_params(w[:, cols], 4, gs, False)
+    qw = QuantizedWeight(quantize_codes(w, s, z, 4, gs, g_idx), s, z, 4, gs, False, g_idx)
+    mod = QuantLinear.from_quantized(qw, torch.randn(n))
+    before = {name: t.clone() for name, t in mod.state_dict().items()}
+    mod.backend = "reference"
+    x = torch.randn(2, 5, k)
+    ref = mod(x)
+    mod.backend = "int4_native"
+    assert rel(mod(x), ref) < BACKEND_RTOL
+    assert isinstance(mod._cache, kernels.NativeQ4Pack)
+    assert mod.released_buffers() == {"qweight", "scales", "qzeros"}
+    assert torch.equal(mod.codes(), qw.codes)  # recovered from the pack, original column order
+    after = mod.state_dict()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert torch.equal(unpack_codes(after["qweight"], 4, k), qw.codes)
+
+
+@needs_kernel
+def test_gradient_through_native() -> None:
+    mod = QuantLinear.from_quantized(quantize_rtn(torch.randn(32, 128), 4, 32, False), None)
+    mod.backend = "int4_native"
+    x = torch.randn(3, 128, requires_grad=True)
+    g = torch.randn(3, 32)
+    mod(x).backward(g)
+    assert torch.allclose(x.grad, g @ mod.dequantize_weight(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def fresh_native(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:  # noqa: ANN001
+    """An empty build cache and no memoized library, restored afterwards."""
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
+    native._load.cache_clear()
+    yield
+    native._load.cache_clear()
+
+
+def test_disabled_by_env_falls_back_to_torch_kernel(fresh_native: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native.ENV_DISABLE, "0")
+    assert "QCORE_NATIVE=0" in (native.unavailable_reason() or "")
+    mod = QuantLinear.from_quantized(quantize_rtn(torch.randn(64, 256), 4, 128, False), None)
+    assert "QCORE_NATIVE=0" in (mod.why_not("int4_native") or "")
+    if kernels.has_int4_cpu():
+        assert mod.select_backend() == "int4_cpu"
+
+
+def test_failed_build_is_reported_and_leaves_nothing(fresh_native: None, tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with caplog.at_level(logging.WARNING, logger="qcore"):
+        reason = native.unavailable_reason()
+    assert reason is not None and "build failed" in reason
+    assert "torch's int4 kernel" in caplog.text
+    assert list((tmp_path / "native").iterdir()) == []  # no half-written library
+
+
+def test_missing_compiler(fresh_native: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler-qcore")
+    assert "no C compiler" in (native.unavailable_reason() or "")
+
+
+@needs_kernel
+def test_build_is_cached(fresh_native: None, tmp_path) -> None:  # noqa: ANN001
+    assert native.available()
+    built = list((tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    mtime = built[0].stat().st_mtime_ns
+    native._load.cache_clear()
+    assert native.available()
+    assert list((tmp_path / "native").iterdir()) == built and built[0].stat().st_mtime_ns == mtime
