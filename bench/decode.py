@@ -45,7 +45,8 @@ def backend_counts(model: nn.Module) -> str:
 
 def variants(model: nn.Module, groups: list[int], torch_kernel: bool) -> dict[str, nn.Module]:
     """name -> model: float32, bfloat16 and RTN 4-bit at each group size (the backends ``auto``
-    picks; with ``torch_kernel`` also each forced to torch's int4 kernel, ``int4_cpu``)."""
+    picks; with ``torch_kernel``, each that uses qcore's own kernel also forced to torch's,
+    ``int4_cpu``)."""
     from qcore.quant.linear import QuantLinear
 
     out = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
@@ -53,7 +54,7 @@ def variants(model: nn.Module, groups: list[int], torch_kernel: bool) -> dict[st
         q = copy.deepcopy(model)
         qcore.quantize(q, "rtn", bits=4, group_size=g)
         out[f"rtn w4 g{g}"] = q
-        if torch_kernel:
+        if torch_kernel and "int4_native" in backend_counts(q):
             t = copy.deepcopy(q)
             for m in t.modules():
                 if isinstance(m, QuantLinear) and m.why_not("int4_cpu") is None:
@@ -76,7 +77,8 @@ def main() -> None:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--groups", default="32,64", help="comma-separated group sizes for the 4-bit rows")
+    ap.add_argument("--groups", default="32,64,-1",
+                    help="comma-separated group sizes for the 4-bit rows (-1: per channel)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torch-kernel", action="store_true",
                     help="skip the 4-bit rows forced to torch's int4 kernel")

@@ -24,9 +24,12 @@ real model -- the int4 kernel then took 0.60 ms of which 0.15 ms was the cold mo
 * ``ref``: dequantize-then-matmul on every call (batch 1, 4096x4096, one call; never a default).
 
 The batch-1 bandwidth floor is the int4 layer's resident bytes (its kernel pack: packed codes +
-bf16 scale/zero table) divided by the copy bandwidth measured on a 256 MiB tensor (bytes read + bytes written per second).
+bf16 scale/zero table) divided by the copy bandwidth (bytes read + bytes written per second),
+measured as one more column of the same round-robin -- a copy of twice the last-level cache --
+so that the floor and the kernel see the same memory system (this VM's bandwidth drifts by
+tens of percent within minutes); the header also gives a 256 MiB copy timed before the run.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/kernels.py [--rounds 15] [--json out.json] [--clock cpu]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/kernels.py [--rounds 30] [--json out.json] [--clock cpu]
 """
 from __future__ import annotations
 
@@ -145,6 +148,8 @@ def bench_shape(k: int, n: int, rounds: int, bw: float) -> list[dict]:
     dense32 = [w.clone() for _ in range(chain_length(w.numel() * 4))]
     dense16 = [w.bfloat16() for _ in range(chain_length(w.numel() * 2))]
     fbs = [fb for fb in (fbgemm_linear(w) for _ in range(chain_length(w.numel()))) if fb is not None]
+    copy_src = torch.ones(2 * llc_bytes(), dtype=torch.uint8)
+    copy_dst = torch.empty_like(copy_src)
     ref = QuantLinear.from_quantized(qws["int4"], None)
     ref.backend = "reference"
     rows = []
@@ -159,8 +164,11 @@ def bench_shape(k: int, n: int, rounds: int, bw: float) -> list[dict]:
             chains[name] = [(lambda mod: lambda: mod(x))(mod) for mod in mods[name]]
         if fbs:
             chains["fbgemm"] = [(lambda fb: lambda: fb(x))(fb) for fb in fbs]
+        if m == 1:
+            chains["copy"] = [lambda: copy_dst.copy_(copy_src)]
         with torch.inference_mode():
             t = interleaved(chains, rounds)
+            copy_s = t.pop("copy", None)
             if m == 1 and k * n <= 4096 * 4096:  # one call: it is slow by design
                 t0 = CLOCK()
                 ref(x)
@@ -169,7 +177,9 @@ def bench_shape(k: int, n: int, rounds: int, bw: float) -> list[dict]:
         row = {"shape": f"{k}x{n}", "batch": m, "int4_backend": mods["int4"][0].select_backend(),
                "chain": {name: len(c) for name, c in chains.items()},
                "ms": {kk: v * 1e3 for kk, v in t.items()},
-               "floor_ms": int4_bytes / bw * 1e3 if m == 1 else None}
+               "copy_bandwidth_Bps": 2 * copy_src.numel() / copy_s if copy_s else None,
+               "floor_ms": int4_bytes * copy_s / (2 * copy_src.numel()) * 1e3 if copy_s else None,
+               "floor_ms_start": int4_bytes / bw * 1e3 if m == 1 else None}
         rows.append(row)
     return rows
 
@@ -177,7 +187,7 @@ def bench_shape(k: int, n: int, rounds: int, bw: float) -> list[dict]:
 def table(rows: list[dict]) -> str:
     cols = ["int4", "int4_torch", "int3", "int8", "w8a8", "fbgemm", "dense", "ref"]
     head = ("| shape (in x out) | batch | fp32 ms | bf16 ms | " + " | ".join(f"{c} ms (vs fp32 / vs bf16)" for c in cols)
-            + " | floor ms | int4 / floor |")
+            + " | copy GB/s | floor ms | int4 / floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ms = r["ms"]
@@ -188,16 +198,16 @@ def table(rows: list[dict]) -> str:
             else:
                 cells.append("-")
         if r["floor_ms"]:
-            cells += [f"{r['floor_ms']:.2f}", f"{ms['int4'] / r['floor_ms']:.2f}"]
+            cells += [f"{r['copy_bandwidth_Bps'] / 1e9:.1f}", f"{r['floor_ms']:.2f}", f"{ms['int4'] / r['floor_ms']:.2f}"]
         else:
-            cells += ["-", "-"]
+            cells += ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -216,7 +226,7 @@ def main() -> None:
         rows += bench_shape(k, n, args.rounds, bw)
     load_end = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {args.clock} clock, {args.threads} threads, {os.cpu_count()} CPUs, load average "
-          f"{load_start:.1f} at start / {load_end:.1f} at end, copy bandwidth {bw / 1e9:.1f} GB/s "
+          f"{load_start:.1f} at start / {load_end:.1f} at end, copy bandwidth before the run {bw / 1e9:.1f} GB/s "
           f"(read+write; a read-only sum reads {read_bw / 1e9:.1f} GB/s); ratios are speedups (>1 = faster than the dense matmul)\n")
     print(f"int4 = QuantLinear's auto backend: {rows[0]['int4_backend']}; int4_torch = int4_cpu\n")
     print(table(rows))

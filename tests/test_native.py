@@ -165,3 +165,16 @@ def test_build_is_cached(fresh_native: None, tmp_path) -> None:  # noqa: ANN001
     native._load.cache_clear()
     assert native.available()
     assert list((tmp_path / "native").iterdir()) == built and built[0].stat().st_mtime_ns == mtime
+
+
+@needs_kernel
+def test_auto_prefers_native_only_for_large_groups() -> None:
+    """auto takes qcore's kernel for groups >= NATIVE_AUTO_MIN_GROUP (or per channel), where it is
+    faster, and torch's below; forcing int4_native works for any group."""
+    for gs, expected in [(32, "int4_cpu"), (64, "int4_cpu"), (128, "int4_native"), (256, "int4_native"),
+                         (-1, "int4_native")]:
+        mod = QuantLinear.from_quantized(quantize_rtn(torch.randn(64, 512), 4, gs, False), None)
+        if expected == "int4_cpu" and not kernels.has_int4_cpu():
+            continue
+        assert mod.select_backend() == expected, gs
+        assert mod.why_not("int4_native") is None

@@ -36,10 +36,13 @@ def act_order_weight(bits: int, gs: int, out_f: int = 64, in_f: int = 256) -> Qu
     return QuantizedWeight(quantize_codes(w, s, z, bits, gs, g_idx), s, z, bits, gs, False, g_idx)
 
 
-def int4_backend(in_f: int = 256, out_f: int = 64) -> str:
+def int4_backend(in_f: int = 256, out_f: int = 64, group: int = 128) -> str:
     """The int4 kernel ``auto`` picks on this machine: qcore's own where it builds and runs (CPUs
-    with AVX512-BF16), else torch's."""
-    return "int4_native" if kernels.int4_native_reason(in_f, out_f, 4, 128, None) is None else "int4_cpu"
+    with AVX512-BF16) for groups of at least NATIVE_AUTO_MIN_GROUP columns, else torch's."""
+    gs = in_f if group == -1 else group
+    if gs >= kernels.NATIVE_AUTO_MIN_GROUP and kernels.int4_native_reason(in_f, out_f, 4, gs, None) is None:
+        return "int4_native"
+    return "int4_cpu"
 
 
 # (bits, group, sym) -> the backend auto picks on CPU ("int4": see int4_backend)
@@ -59,7 +62,7 @@ def test_backends_agree_with_reference(cfg: tuple[int, int, bool], expected: str
     w_hat = dequantize_codes(qw.codes, qw.scales.to(mod.scale_dtype), qw.zeros.to(mod.scale_dtype), qw.group_size)
     assert torch.allclose(ref, x @ w_hat.t() + mod.bias, atol=1e-4)
     mod.backend = "auto"
-    assert mod.select_backend() == (int4_backend() if expected == "int4" else expected)
+    assert mod.select_backend() == (int4_backend(group=cfg[1]) if expected == "int4" else expected)
     for backend in ("auto", "dense", "dense_bf16", "int4_native", "int4_cpu", "int8_cpu"):
         if mod.why_not(backend) is not None:
             continue
@@ -73,7 +76,7 @@ def test_backends_agree_with_reference(cfg: tuple[int, int, bool], expected: str
 def test_act_order_int4_kernel() -> None:
     qw = act_order_weight(4, 64)
     mod = QuantLinear.from_quantized(qw, None)
-    assert mod.select_backend() == int4_backend()
+    assert mod.select_backend() == int4_backend(group=64)
     x = torch.randn(5, 256)
     mod.backend = "reference"
     ref = mod(x)
@@ -271,7 +274,7 @@ def test_w8a8_matches_fake_quant_reference(sym: bool, m: int) -> None:
 def test_w8a8_only_for_8bit_per_channel_weights() -> None:
     mod, _ = make(4, 64, False, act=ActQuant(8))
     assert "4-bit" in (mod.why_not("w8a8") or "")
-    assert mod.select_backend() == int4_backend()  # fake-quantized A8 input, int4 weight kernel
+    assert mod.select_backend() == int4_backend(group=64)  # fake-quantized A8 input, int4 weight kernel
     mod, _ = make(8, 64, False, act=ActQuant(8))
     assert "grouped" in (mod.why_not("w8a8") or "")
     assert mod.select_backend() == "dense"

@@ -40,6 +40,12 @@ INT4_CUDA_MAX_ROWS = 256
 (H200, bench/kernels_cuda.py: the int4 kernel wins up to 128 rows, the per-call dequantize at 512)."""
 INT4_CUDA_INNER_K_TILES: tuple[int, ...] = (8, 4, 2)
 """Tilings the CUDA int4 kernel accepts; in_features must be a multiple of 16 x tiles."""
+NATIVE_AUTO_MIN_GROUP = 128
+"""``auto`` prefers ``int4_native`` over torch's kernel only for groups of at least this many
+columns (or per channel): the native kernel scales and folds each group per row, which costs
+more the smaller the group. Measured (warm, 2 threads, us; native / torch's): 4096x4096 g32 943 /
+507, g64 497 / 462, g128 351 / 446, per channel 299 / 487; 576x576 g32 22 / 19, g64 14 / 19,
+g192 18 / 30."""
 NATIVE_KERNEL_MAX_ROWS = 40
 """Rows up to which ``int4_native`` runs its own kernel; above, dequantize + bf16 matmul.
 Measured (4096x4096 g128, 2 threads, ms; own kernel / dequantize + bf16 / torch's int4 kernel):

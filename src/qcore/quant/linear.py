@@ -14,10 +14,12 @@ Backends (``QuantLinear.backend`` attribute, or env ``QCORE_QLINEAR_BACKEND`` to
 every layer; ``"auto"`` picks per layer and device):
 
 ==============  =========================================================================
-``int4_native`` CPU with AVX512-BF16 and a C compiler, 1-4 bits, in_features a multiple of
-                128, out_features of 4, group a multiple of 32 (or per channel): qcore's own
-                kernel (:mod:`qcore.quant.native`; bf16 activations, fp32 accumulation),
-                built once per machine. Buffers are released as with ``int4_cpu``.
+``int4_native`` CPU with AVX512-BF16 and a C compiler, 1-4 bits, in_features and group
+                multiples of 32 (or per channel), out_features of 4: qcore's own kernel
+                (:mod:`qcore.quant.native`; bf16 activations, fp32 accumulation), built once
+                per machine. ``auto`` picks it for groups of 128 columns or more (or per
+                channel; ``kernels.NATIVE_AUTO_MIN_GROUP``), torch's kernel below, where that
+                is faster. Buffers are released as with ``int4_cpu``.
 ``int4_cpu``    CPU, 1-4 bits, group a multiple of 32 (or per channel): torch's packed int4
                 kernel with bf16 activations (2/3-bit codes run as 4-bit codes: the stored
                 format stays 2/3-bit). The kernel pack is built on the first forward and
@@ -303,9 +305,17 @@ class QuantLinear(nn.Module):
                     f"unset {BACKEND_ENV} / .backend or use 'dense'")
             return name
         for cand in AUTO_ORDER.get((device or self._device()).type, ()):
-            if self.why_not(cand, device) is None:
+            if not self._auto_skips(cand) and self.why_not(cand, device) is None:
                 return cand
         return "dense"
+
+    def _auto_skips(self, backend: str) -> bool:
+        """Whether ``auto`` passes over a backend that could run this layer because the next
+        one is faster for it (measured: :data:`kernels.NATIVE_AUTO_MIN_GROUP`)."""
+        if backend == "int4_native":
+            gs = self.in_features if self.group_size == -1 else self.group_size
+            return gs < kernels.NATIVE_AUTO_MIN_GROUP
+        return False
 
     # -- forward -------------------------------------------------------------------------------
     def _get_cache(self, backend: str, dtype: torch.dtype, device: torch.device) -> Any:

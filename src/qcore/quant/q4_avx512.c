@@ -21,8 +21,14 @@
 #define QC_ABI 1
 #define QC_ROWS 4
 #define QC_BLOCK 128
+#ifndef QC_HINT
+#define QC_HINT _MM_HINT_NTA /* weights are read once: keep them from evicting x out of L1 */
+#endif
+#ifndef QC_CHUNK
+#define QC_CHUNK 64 /* most tiles per work item */
+#endif
 #ifndef QC_PREFETCH
-#define QC_PREFETCH 2 /* blocks ahead (a block of a tile is QC_ROWS x 64 bytes) */
+#define QC_PREFETCH 8 /* blocks ahead (a block of a tile is QC_ROWS x 64 bytes) */
 #endif
 
 int qc_abi(void) { return QC_ABI; }
@@ -81,7 +87,7 @@ static void gemv_tiles(const uint16_t *w, const uint16_t *s, const uint16_t *z, 
     for (int b = 0; b < nb; b++) {
       const uint16_t *p = tw + (size_t)b * QC_ROWS * 32;
       for (int r = 0; r < QC_ROWS; r++)
-        _mm_prefetch((const char *)(p + QC_PREFETCH * QC_ROWS * 32 + r * 32), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + QC_PREFETCH * QC_ROWS * 32 + r * 32), QC_HINT);
       __m512i v[QC_ROWS];
       for (int r = 0; r < QC_ROWS; r++) v[r] = _mm512_loadu_si512(p + r * 32);
       const int js = b == nb - 1 ? last : 4;
@@ -182,14 +188,16 @@ void qc_q4_gemv(const uint16_t *w, const uint16_t *s, const uint16_t *z, const f
     if (M > 1) memset(xb, 0, (size_t)QC_MB * K * 2);
     for (int m = 0; m < mb; m++) prep_x(x + (size_t)(m0 + m) * K, xb + (size_t)m * K, xs + (size_t)m * ng, K, G);
     float *yr = y + (size_t)m0 * N;
-#pragma omp parallel num_threads(nthreads)
-    {
-      int nt = omp_get_num_threads(), id = omp_get_thread_num();
-      int per = (tiles + nt - 1) / nt, a = id * per, b = a + per < tiles ? a + per : tiles;
-      if (a < b) {
-        if (M == 1) gemv_tiles(w, s, z, xb, xs, yr, K, G, a, b);
-        else gemm_tiles(w, s, z, xb, xs, yr, mb, N, K, G, a, b);
-      }
+    /* work items of up to QC_CHUNK tiles (at least 4 per thread), taken as threads finish: a
+       thread that starts late (a vCPU descheduled, a core busy) does not hold up the call */
+    int chunk = tiles / (4 * nthreads);
+    chunk = chunk < 1 ? 1 : chunk > QC_CHUNK ? QC_CHUNK : chunk;
+    const int nchunks = (tiles + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int c = 0; c < nchunks; c++) {
+      int a = c * chunk, b = a + chunk < tiles ? a + chunk : tiles;
+      if (M == 1) gemv_tiles(w, s, z, xb, xs, yr, K, G, a, b);
+      else gemm_tiles(w, s, z, xb, xs, yr, mb, N, K, G, a, b);
     }
   }
   free(xb);
