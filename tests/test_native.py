@@ -22,32 +22,34 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @settings(max_examples=30, deadline=None)
-@given(tiles=st.integers(1, 4), slices=st.integers(1, 13), seed=st.integers(0, 2**16))
-def test_tiled_layout_round_trip(tiles: int, slices: int, seed: int) -> None:
-    n, k = tiles * native.ROWS, slices * native.SLICE
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+@given(n=st.integers(1, 150), slices=st.integers(1, 13), seed=st.integers(0, 2**16))
+def test_layout_round_trip(n: int, slices: int, seed: int) -> None:
+    k = slices * native.SLICE
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
     words = native.pack_tiled(codes)
-    padded_k = -(-k // native.BLOCK) * native.BLOCK
-    assert words.dtype == torch.int16 and words.numel() * 2 == n * padded_k // 2  # 4 bits per code
+    assert words.dtype == torch.int16 and words.numel() * 2 == native.padded_rows(n) * k // 2  # 4 bits per code
     assert torch.equal(native.unpack_tiled(words, n, k), codes)
+    scales = torch.rand(n, slices, generator=gen).bfloat16()
+    assert torch.equal(native.untranspose_groups(native.transpose_groups(scales), n), scales)
 
 
-def test_tiled_layout_is_the_documented_one() -> None:
-    """Lane l of row r in block b holds columns 128 b + l + 32 j in nibble j (the C file's header)."""
-    n, k = 8, 256
+def test_layout_is_the_documented_one() -> None:
+    """Supertile T, octet c, tile u, lane l, nibble j holds row 64 T + 16 u + l / 2, column
+    8 c + 2 j + (l & 1) (the C file's header)."""
+    n, k = 128, 64
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     words = native.pack_tiled(codes).to(torch.int32) & 0xFFFF
-    t, b, r, lane = 1, 1, 2, 5
-    word = int(words[((t * (k // 128) + b) * native.ROWS + r) * 32 + lane])
-    for j in range(4):
-        assert (word >> (4 * j)) & 15 == int(codes[t * native.ROWS + r, 128 * b + lane + 32 * j])
+    for t, c, u, lane in [(1, 3, 2, 5), (0, 7, 3, 30), (1, 0, 0, 1)]:
+        word = int(words[((t * (k // 8) + c) * 4 + u) * 32 + lane])
+        for j in range(4):
+            assert (word >> (4 * j)) & 15 == int(codes[64 * t + 16 * u + lane // 2, 8 * c + 2 * j + lane % 2])
 
 
 def test_shape_reasons() -> None:
     assert native.shape_reason(256, 64, 4, 128) is None
-    assert native.shape_reason(576, 192, 4, 64) is None  # a partial last block (SmolLM2's width)
+    assert native.shape_reason(576, 100, 4, 64) is None  # any out_features (padded to 64 rows inside)
     assert "multiple of 32" in (native.shape_reason(200, 64, 4, 40) or "")
-    assert "out_features" in (native.shape_reason(256, 66, 4, 128) or "")
     assert "multiple of 32" in (native.shape_reason(256, 64, 4, 16) or "")
     assert "5-bit" in (native.shape_reason(256, 64, 5, 128) or "")
 
@@ -60,7 +62,7 @@ def test_kernel_matches_float64(bits: int, gs: int, sym: bool, rows: int) -> Non
     """Exact up to fp32 accumulation against the float64 product of the SAME bf16 activations,
     and within the backends' tolerance of the fp32 product."""
     g = torch.Generator().manual_seed(bits * 1000 + rows)
-    n, k = 96, 576  # 4.5 blocks: the partial last block is exercised too
+    n, k = 100, 576  # 100 rows: a padded supertile
     qw = quantize_rtn(torch.randn(n, k, generator=g), bits, gs, sym)
     s, z = qw.scales.bfloat16(), qw.zeros.bfloat16()
     pack = kernels.build_int4_native(qw.codes, s, z, gs)
@@ -71,7 +73,8 @@ def test_kernel_matches_float64(bits: int, gs: int, sym: bool, rows: int) -> Non
     if rows <= kernels.NATIVE_KERNEL_MAX_ROWS:
         assert rel(y, x.bfloat16().double() @ w_hat.double().t()) < 1e-4
     else:  # dequantize + bf16 matmul: the bf16 weight is exact, the matmul is bf16
-        assert torch.equal(native.q4_dequant_bf16(pack.words, s, z, pack.group, k), w_hat.bfloat16())
+        assert torch.equal(native.q4_dequant_bf16(pack.words, pack.scales, pack.zeros, pack.group, n, k),
+                           w_hat.bfloat16())
     assert rel(y, x.double() @ w_hat.double().t()) < BACKEND_RTOL
 
 
@@ -168,13 +171,8 @@ def test_build_is_cached(fresh_native: None, tmp_path) -> None:  # noqa: ANN001
 
 
 @needs_kernel
-def test_auto_prefers_native_only_for_large_groups() -> None:
-    """auto takes qcore's kernel for groups >= NATIVE_AUTO_MIN_GROUP (or per channel), where it is
-    faster, and torch's below; forcing int4_native works for any group."""
-    for gs, expected in [(32, "int4_cpu"), (64, "int4_cpu"), (128, "int4_native"), (256, "int4_native"),
-                         (-1, "int4_native")]:
-        mod = QuantLinear.from_quantized(quantize_rtn(torch.randn(64, 512), 4, gs, False), None)
-        if expected == "int4_cpu" and not kernels.has_int4_cpu():
-            continue
-        assert mod.select_backend() == expected, gs
-        assert mod.why_not("int4_native") is None
+def test_auto_prefers_native_for_every_int4_layer_it_runs() -> None:
+    for gs in (32, 64, 128, -1):
+        for n in (64, 100):
+            mod = QuantLinear.from_quantized(quantize_rtn(torch.randn(n, 512), 4, gs, False), None)
+            assert mod.select_backend() == "int4_native", (gs, n)

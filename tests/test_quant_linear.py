@@ -38,11 +38,8 @@ def act_order_weight(bits: int, gs: int, out_f: int = 64, in_f: int = 256) -> Qu
 
 def int4_backend(in_f: int = 256, out_f: int = 64, group: int = 128) -> str:
     """The int4 kernel ``auto`` picks on this machine: qcore's own where it builds and runs (CPUs
-    with AVX512-BF16) for groups of at least NATIVE_AUTO_MIN_GROUP columns, else torch's."""
-    gs = in_f if group == -1 else group
-    if gs >= kernels.NATIVE_AUTO_MIN_GROUP and kernels.int4_native_reason(in_f, out_f, 4, gs, None) is None:
-        return "int4_native"
-    return "int4_cpu"
+    with AVX512-BF16), else torch's."""
+    return "int4_native" if kernels.int4_native_reason(in_f, out_f, 4, group, None) is None else "int4_cpu"
 
 
 # (bits, group, sym) -> the backend auto picks on CPU ("int4": see int4_backend)

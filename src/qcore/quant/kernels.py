@@ -12,9 +12,10 @@ Every backend computes ``x @ w_hat.T`` for ``w_hat = (codes - zeros[g]) * scales
   the activation columns per call.
 * ``int4_native``: qcore's own compiled kernel (:mod:`qcore.quant.native`, CPUs with
   AVX512-BF16): codes in a tiled layout that streams sequentially, bf16 scales/zeros (the stored
-  values), bf16 activations with fp32 accumulation. Up to :data:`NATIVE_KERNEL_MAX_ROWS` rows it
-  runs its GEMV/small-GEMM kernel (each weight byte read once per 4 activation rows); above, it
-  dequantizes into a reused bf16 scratch weight and runs a dense bf16 matmul (prefill).
+  values), bf16 activations with fp32 accumulation, output rows in the vector lanes. Up to
+  :data:`NATIVE_KERNEL_MAX_ROWS` rows it runs its GEMV/small-GEMM kernel (each unpacked weight
+  vector used for 4 activation rows); above, it dequantizes into a reused bf16 scratch weight
+  and runs a dense bf16 matmul.
 * ``int4_cuda``: the same math through torch's CUDA int4 kernel (``_convert_weight_to_int4pack``
   on two codes per byte + ``_weight_int4pack_mm``, bf16; compute capability 8.0 or newer;
   in_features a multiple of 32, out_features of 16; see :func:`int4_cuda_reason`).
@@ -40,17 +41,11 @@ INT4_CUDA_MAX_ROWS = 256
 (H200, bench/kernels_cuda.py: the int4 kernel wins up to 128 rows, the per-call dequantize at 512)."""
 INT4_CUDA_INNER_K_TILES: tuple[int, ...] = (8, 4, 2)
 """Tilings the CUDA int4 kernel accepts; in_features must be a multiple of 16 x tiles."""
-NATIVE_AUTO_MIN_GROUP = 128
-"""``auto`` prefers ``int4_native`` over torch's kernel only for groups of at least this many
-columns (or per channel): the native kernel scales and folds each group per row, which costs
-more the smaller the group. Measured (warm, 2 threads, us; native / torch's): 4096x4096 g32 943 /
-507, g64 497 / 462, g128 351 / 446, per channel 299 / 487; 576x576 g32 22 / 19, g64 14 / 19,
-g192 18 / 30."""
-NATIVE_KERNEL_MAX_ROWS = 40
+NATIVE_KERNEL_MAX_ROWS = 256
 """Rows up to which ``int4_native`` runs its own kernel; above, dequantize + bf16 matmul.
-Measured (4096x4096 g128, 2 threads, ms; own kernel / dequantize + bf16 / torch's int4 kernel):
-8 rows 1.5 / 4.1 / 1.9; 32 rows 4.6 / 5.4 / 6.5; 48 rows 6.8 / 6.4 / 9.5; 64 rows 9.2 / 8.1 / 12.9;
-512 rows 80 / 48 / 109."""
+Measured (4096x4096 g128, 2 threads, ms; own kernel / dequantize + bf16 / torch's int4 kernel /
+bf16 dense): 32 rows 3.2 / 6.6 / 7.3 / 4.1; 128 rows 11.4 / 13.6 / 25.0 / 10.8; 256 rows 23.0 /
+23.2 / 50.6 / 20.2; 512 rows 49.4 / 43.8 / 101.0 / 39.7."""
 W8A8_SMALL_BATCH = 8
 """Rows (2 to this) for which the CPU w8a8 path uses ``_weight_int8pack_mm`` instead of
 ``torch._int_mm`` (4096x4096, 2 threads: ``_int_mm`` 0.27 ms at 1 row, 3.5 ms at 4 and 8 rows;
@@ -149,11 +144,12 @@ def int4_cpu_mm(x: Tensor, pack: Int4CpuPack) -> Tensor:
 
 @dataclass
 class NativeQ4Pack:
-    words: Tensor           # int16 [N * K / 4], :func:`qcore.quant.native.pack_tiled`
-    scales: Tensor          # bf16 [N, K / group]
-    zeros: Tensor           # bf16 [N, K / group]
+    words: Tensor           # int16, :func:`qcore.quant.native.pack_tiled`
+    scales: Tensor          # bf16 [ceil(N / 64), K / group, 64], :func:`qcore.quant.native.transpose_groups`
+    zeros: Tensor           # bf16, the same layout
     group: int              # the kernel's group (in_features for per-channel)
     perm: Tensor | None     # activation column permutation (act-order) or None
+    n: int                  # out_features
 
 
 def int4_native_reason(in_features: int, out_features: int, bits: int, group_size: int,
@@ -176,8 +172,15 @@ def build_int4_native(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: 
     n, k = codes.shape
     perm = None if g_idx is None else _act_order_perm(g_idx, group_size, k)
     c = codes if perm is None else codes[:, perm]
-    return NativeQ4Pack(native.pack_tiled(c.contiguous()), scales.to(torch.bfloat16).contiguous(),
-                        zeros.to(torch.bfloat16).contiguous(), k if group_size == -1 else group_size, perm)
+    return NativeQ4Pack(native.pack_tiled(c.contiguous()), native.transpose_groups(scales),
+                        native.transpose_groups(zeros), k if group_size == -1 else group_size, perm, n)
+
+
+def int4_native_scales_zeros(pack: NativeQ4Pack) -> tuple[Tensor, Tensor]:
+    """The bf16 ``(scales, zeros)`` ``[N, n_groups]`` a native pack holds."""
+    from qcore.quant import native
+
+    return native.untranspose_groups(pack.scales, pack.n), native.untranspose_groups(pack.zeros, pack.n)
 
 
 def recover_int4_native_codes(pack: NativeQ4Pack, n: int, k: int) -> Tensor:
@@ -197,7 +200,7 @@ _scratch = threading.local()
 
 def _scratch_bf16(n: int, k: int) -> Tensor:
     """A per-thread bf16 ``[n, k]`` buffer reused across calls and layers (a fresh 32 MiB
-    tensor costs ~10 ms of page faults here, 10x the dequantize itself)."""
+    tensor costs ~10 ms of page faults here, far more than the dequantize itself)."""
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < n * k:
         buf = torch.empty(n * k, dtype=torch.bfloat16)
@@ -210,11 +213,12 @@ def int4_native_mm(x: Tensor, pack: NativeQ4Pack) -> Tensor:
     from qcore.quant import native
 
     xp = x if pack.perm is None else x.index_select(-1, pack.perm)
-    n, k = pack.scales.shape[0], x.shape[-1]
+    k = x.shape[-1]
     if x.shape[0] <= NATIVE_KERNEL_MAX_ROWS:
-        y = native.q4_mm(xp, pack.words, pack.scales, pack.zeros, pack.group)
+        y = native.q4_mm(xp, pack.words, pack.scales, pack.zeros, pack.group, pack.n)
     else:
-        w = native.q4_dequant_bf16(pack.words, pack.scales, pack.zeros, pack.group, k, out=_scratch_bf16(n, k))
+        scratch = _scratch_bf16(native.padded_rows(pack.n), k)
+        w = native.q4_dequant_bf16(pack.words, pack.scales, pack.zeros, pack.group, pack.n, k, out=scratch)
         y = torch.nn.functional.linear(xp.to(torch.bfloat16), w)
     return y.to(x.dtype)
 

@@ -11,7 +11,8 @@ When it cannot be used -- no compiler, a CPU without AVX512-BF16, a failed build
 kernel instead; nothing else changes.
 
 Pure tensor functions here: :func:`pack_tiled` / :func:`unpack_tiled` convert between codes
-``uint8 [N, K]`` and the kernel's tiled layout (see the C file's header).
+``uint8 [N, K]`` and the kernel's layout, :func:`transpose_groups` / :func:`untranspose_groups`
+between per-group scales or zeros ``[N, K / G]`` and the kernel's (see the C file's header).
 """
 from __future__ import annotations
 
@@ -34,11 +35,9 @@ log = get_logger("qcore.quant.native")
 
 SOURCE = Path(__file__).with_name("q4_avx512.c")
 CFLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-ABI = 1
-ROWS = 4
-"""Output rows per tile: out_features must be a multiple of this."""
-BLOCK = 128
-"""Input columns per block (a last, partial block is padded with zero codes)."""
+ABI = 2
+ROWS = 64
+"""Output rows per supertile (out_features is padded to a multiple of this inside the pack)."""
 SLICE = 32
 """in_features and the group size must be multiples of this."""
 ENV_DISABLE = "QCORE_NATIVE"
@@ -130,59 +129,74 @@ def shape_reason(in_features: int, out_features: int, bits: int, group_size: int
     """Why the kernel cannot run a layer of this shape (None when it can)."""
     if bits > 4:
         return f"{bits}-bit weights (the kernel takes codes of at most 4 bits)"
-    if in_features % SLICE or out_features % ROWS:
-        return f"in_features must be a multiple of {SLICE} and out_features of {ROWS}"
+    if in_features % SLICE:
+        return f"in_features must be a multiple of {SLICE}"
     gs = in_features if group_size == -1 else group_size
     if gs % SLICE:
         return f"group size {gs} is not a multiple of {SLICE}"
     return None
 
 
+def padded_rows(n: int) -> int:
+    return -(-n // ROWS) * ROWS
+
+
 def pack_tiled(codes: Tensor) -> Tensor:
-    """uint8 codes ``[N, K]`` (values < 16) -> the kernel's int16 tiled layout
-    ``[N * ceil(K / 128) * 32]`` (a partial last block padded with zero codes)."""
+    """uint8 codes ``[N, K]`` (values < 16) -> the kernel's int16 layout ``[ceil(N / 64) * 64 * K / 4]``
+    (see the C file's header; padding rows hold zero codes)."""
     n, k = codes.shape
-    kp = -(-k // BLOCK) * BLOCK
-    c = torch.nn.functional.pad(codes.to(torch.int32), (0, kp - k)).reshape(n // ROWS, ROWS, kp // BLOCK, 4, 32)  # tile, row, block, nibble, lane
-    c = c.permute(0, 2, 1, 4, 3)  # tile, block, row, lane, nibble
-    shifts = torch.arange(4, dtype=torch.int32) * 4
-    words = (c << shifts).sum(-1)  # < 2**16
-    return words.to(torch.int32).where(words < 2**15, words - 2**16).to(torch.int16).reshape(-1).contiguous()
+    c = torch.nn.functional.pad(codes.to(torch.int32), (0, 0, 0, padded_rows(n) - n))
+    c = c.reshape(-1, 4, 16, k // 8, 4, 2)  # supertile, tile, row, octet, pair (nibble), column in pair
+    c = c.permute(0, 3, 1, 2, 5, 4)  # supertile, octet, tile, lane = (row, column in pair), nibble
+    words = (c << (torch.arange(4, dtype=torch.int32) * 4)).sum(-1)  # < 2**16
+    return words.where(words < 2**15, words - 2**16).to(torch.int16).reshape(-1).contiguous()
 
 
 def unpack_tiled(words: Tensor, n: int, k: int) -> Tensor:
     """Inverse of :func:`pack_tiled`."""
-    kp = -(-k // BLOCK) * BLOCK
     w = words.to(torch.int32) & 0xFFFF
-    c = (w.reshape(n // ROWS, kp // BLOCK, ROWS, 32, 1) >> (torch.arange(4, dtype=torch.int32) * 4)) & 0xF
-    return c.permute(0, 2, 1, 4, 3).reshape(n, kp)[:, :k].to(torch.uint8).contiguous()
+    c = (w.reshape(-1, k // 8, 4, 16, 2, 1) >> (torch.arange(4, dtype=torch.int32) * 4)) & 0xF
+    c = c.permute(0, 2, 3, 1, 5, 4).reshape(-1, k)  # supertile, tile, row, octet, nibble, column in pair
+    return c[:n].to(torch.uint8).contiguous()
 
 
-def q4_mm(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
-    """``x [M, K] float32 -> [M, N] float32`` with the tiled weight (bf16 scales/zeros [N, K/G])."""
+def transpose_groups(t: Tensor) -> Tensor:
+    """Per-group values ``[N, G]`` -> the kernel's bf16 ``[ceil(N / 64), G, 64]`` (zero padding)."""
+    n, g = t.shape
+    t = torch.nn.functional.pad(t.to(torch.bfloat16), (0, 0, 0, padded_rows(n) - n))
+    return t.reshape(-1, ROWS, g).transpose(1, 2).contiguous()
+
+
+def untranspose_groups(t: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`transpose_groups`."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n].contiguous()
+
+
+def q4_mm(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, group_size: int, n: int) -> Tensor:
+    """``x [M, K] float32 -> [M, n] float32`` with the packed weight and the transposed bf16
+    scales/zeros of :func:`transpose_groups`."""
     lib, reason = _load()
     if lib is None:
         raise RuntimeError(f"qcore's native kernel is unavailable: {reason}")
     m, k = x.shape
-    n = scales.shape[0]
     x = x.to(torch.float32).contiguous()
-    y = torch.empty(m, n, dtype=torch.float32)
-    lib.qc_q4_gemv(words.data_ptr(), scales.data_ptr(), zeros.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k,
-                   k if group_size == -1 else group_size, torch.get_num_threads())
-    return y
+    y = torch.empty(m, padded_rows(n), dtype=torch.float32)
+    lib.qc_q4_gemv(words.data_ptr(), scales.data_ptr(), zeros.data_ptr(), x.data_ptr(), y.data_ptr(), m,
+                   y.shape[1], k, k if group_size == -1 else group_size, torch.get_num_threads())
+    return y if y.shape[1] == n else y[:, :n]
 
 
-def q4_dequant_bf16(words: Tensor, scales: Tensor, zeros: Tensor, group_size: int, k: int,
+def q4_dequant_bf16(words: Tensor, scales: Tensor, zeros: Tensor, group_size: int, n: int, k: int,
                     out: Tensor | None = None) -> Tensor:
-    """The bf16 ``[N, K]`` weight ``s * (q - z)`` (for batches a dense bf16 matmul runs faster),
-    written into ``out`` when given."""
+    """The bf16 ``[n, K]`` weight ``s * (q - z)`` (for batches a dense bf16 matmul runs faster),
+    written into ``out`` (``[ceil(n / 64) * 64, K]``) when given."""
     lib, reason = _load()
     if lib is None:
         raise RuntimeError(f"qcore's native kernel is unavailable: {reason}")
-    n = scales.shape[0]
+    np_ = padded_rows(n)
     if out is None:
-        out = torch.empty(n, k, dtype=torch.bfloat16)
-    assert out.shape == (n, k) and out.dtype == torch.bfloat16 and out.is_contiguous()
-    lib.qc_q4_dequant_bf16(words.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), n, k,
+        out = torch.empty(np_, k, dtype=torch.bfloat16)
+    assert out.shape == (np_, k) and out.dtype == torch.bfloat16 and out.is_contiguous()
+    lib.qc_q4_dequant_bf16(words.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(), np_, k,
                            k if group_size == -1 else group_size, torch.get_num_threads())
-    return out
+    return out[:n]

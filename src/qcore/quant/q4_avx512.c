@@ -2,33 +2,30 @@
  * and newer). Built once per machine by qcore.quant.native (cc -O3 -march=native -fopenmp) and
  * called through ctypes; on any other CPU qc_supported() returns 0 and qcore uses torch's kernel.
  *
- * Layout ("tiled"): output rows in tiles of QC_ROWS; in tile t, block b (QC_BLOCK = 128 input
- * columns) is QC_ROWS rows x 32 uint16 lanes, contiguous, so a tile streams as one sequential
- * read. Lane l of row r holds the codes of columns 128 b + l + 32 j in nibble j (j = 0..3).
- * K must be a multiple of 32; the last block of a K that 128 does not divide is padded with
- * zero codes, and the kernels skip its missing 32-column slices.
- * scales and zeros: bfloat16 [N, K / G] (the values QuantLinear stores), w = s * (q - z).
+ * Output rows live in the vector lanes. Rows come in supertiles of QC_ROWS = 64 (four tiles of
+ * 16); input columns in octets of 8. For supertile T and octet c, the 512 codes are 4 x 64 bytes:
+ * tile u's 32 uint16 lanes, lane l holding in nibble j the code of
+ *     row 64 T + 16 u + l / 2,  column 8 c + 2 j + (l & 1).
+ * So the 32 bf16 lanes built from nibble j are, pairwise, the 16 rows' weights at columns
+ * (8c + 2j, 8c + 2j + 1), which is what VDPBF16PS multiplies by a broadcast pair of activations,
+ * accumulating each row in its own fp32 lane. Scales and zeros are bfloat16, transposed to
+ * [N / 64, K / G, 64] so that one group's 16 rows load as one vector; w = s * (q - z).
  *
  * Math: the bf16 with bits 0x4300 | q is exactly 128 + q, so one AND/OR turns a nibble into a
- * bf16 weight and VDPBF16PS accumulates (128 + q) * bf16(x) in fp32. Per group,
- *   sum((q - z) x) = sum((128 + q) x) - (z + 128) * sum(x),
- * with sum(x) taken over the same bf16-rounded activations.
+ * bf16 weight. Per group, sum((q - z) x) = sum((128 + q) x) - (z + 128) * sum(x), with sum(x)
+ * over the same bf16-rounded activations; a group's fold is one vector FMA per 16 rows.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define QC_ABI 1
-#define QC_ROWS 4
-#define QC_BLOCK 128
-#ifndef QC_HINT
-#define QC_HINT _MM_HINT_NTA /* weights are read once: keep them from evicting x out of L1 */
+#define QC_ABI 2
+#define QC_ROWS 64
+#ifndef QC_PREFETCH
+#define QC_PREFETCH 8 /* octets ahead (an octet of a supertile is 256 bytes) */
 #endif
 #ifndef QC_CHUNK
-#define QC_CHUNK 64 /* most tiles per work item */
-#endif
-#ifndef QC_PREFETCH
-#define QC_PREFETCH 8 /* blocks ahead (a block of a tile is QC_ROWS x 64 bytes) */
+#define QC_CHUNK 16 /* most supertiles per work item */
 #endif
 
 int qc_abi(void) { return QC_ABI; }
@@ -46,120 +43,101 @@ static inline float bf16_to_f32(uint16_t v) {
   return f;
 }
 
-/* 16 bf16 values (masked to n) as fp32 */
-static inline __m512 load_bf16x16(const uint16_t *p, int n) {
-  __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
-  __m256i v = _mm256_maskz_loadu_epi16(m, p);
+/* 16 consecutive bf16 values as fp32 */
+static inline __m512 load_bf16x16(const uint16_t *p) {
+  __m256i v = _mm256_loadu_si256((const __m256i *)p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-/* sum over groups of s * (z + 128) * xs for one row */
-static float zero_term(const uint16_t *s, const uint16_t *z, const float *xs, int ng) {
-  __m512 acc = _mm512_setzero_ps();
-  const __m512 c128 = _mm512_set1_ps(128.f);
-  for (int g = 0; g < ng; g += 16) {
-    int n = ng - g < 16 ? ng - g : 16;
-    __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
-    __m512 sv = load_bf16x16(s + g, n), zv = load_bf16x16(z + g, n);
-    __m512 xv = _mm512_maskz_loadu_ps(m, xs + g);
-    acc = _mm512_fmadd_ps(_mm512_mul_ps(sv, _mm512_add_ps(zv, c128)), xv, acc);
-  }
-  return _mm512_reduce_add_ps(acc);
+/* nibble j of every uint16 lane as the bf16 number 128 + q */
+static inline __m512i nibble_bf16(__m512i v, int j) {
+  const __m512i lo4 = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+  return _mm512_ternarylogic_epi32(j ? _mm512_srli_epi16(v, 4 * j) : v, lo4, bias, 0xEA); /* (c & 0xF) | bias */
 }
 
-/* rows of tiles [t0, t1) for one activation row (xb: bf16 bits, xs: per-group sums) */
-#define NBLOCKS(K) (((K) + QC_BLOCK - 1) / QC_BLOCK)
-#define LAST_SLICES(K) ((K) % QC_BLOCK ? ((K) % QC_BLOCK) / 32 : 4)
+static inline void prefetch_octet(const uint16_t *p) {
+  const char *q = (const char *)(p + QC_PREFETCH * QC_ROWS * 2);
+  _mm_prefetch(q, _MM_HINT_NTA);
+  _mm_prefetch(q + 64, _MM_HINT_NTA);
+  _mm_prefetch(q + 128, _MM_HINT_NTA);
+  _mm_prefetch(q + 192, _MM_HINT_NTA);
+}
 
-static void gemv_tiles(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint16_t *xb,
-                       const float *xs, float *y, int K, int G, int t0, int t1) {
-  const int ng = K / G, nb = NBLOCKS(K), last = LAST_SLICES(K), slices_per_group = G / 32;
-  const __m512i lo4 = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+/* one activation row: supertiles [t0, t1). xp: bf16 activations as 32-bit pairs; xs: group sums */
+static void gemv_supertiles(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint32_t *xp,
+                            const float *xs, float *y, int K, int G, int t0, int t1) {
+  const int ng = K / G, opg = G / 8, noct = K / 8;
+  const __m512 c128 = _mm512_set1_ps(128.f);
   for (int t = t0; t < t1; t++) {
-    const uint16_t *tw = w + (size_t)t * nb * QC_ROWS * 32;
-    const size_t row0 = (size_t)t * QC_ROWS;
-    __m512 acc[QC_ROWS], ga[QC_ROWS][2];
-    for (int r = 0; r < QC_ROWS; r++) {
-      acc[r] = _mm512_setzero_ps();
-      ga[r][0] = ga[r][1] = _mm512_setzero_ps();
-    }
-    int slice = 0, g = 0;
-    for (int b = 0; b < nb; b++) {
-      const uint16_t *p = tw + (size_t)b * QC_ROWS * 32;
-      for (int r = 0; r < QC_ROWS; r++)
-        _mm_prefetch((const char *)(p + QC_PREFETCH * QC_ROWS * 32 + r * 32), QC_HINT);
-      __m512i v[QC_ROWS];
-      for (int r = 0; r < QC_ROWS; r++) v[r] = _mm512_loadu_si512(p + r * 32);
-      const int js = b == nb - 1 ? last : 4;
-      for (int j = 0; j < 4; j++) {
-        if (j == js) break;
-        __m512i xv = _mm512_loadu_si512(xb + b * QC_BLOCK + 32 * j);
-        for (int r = 0; r < QC_ROWS; r++) {
-          __m512i c = j ? _mm512_srli_epi16(v[r], 4 * j) : v[r];
-          c = _mm512_ternarylogic_epi32(c, lo4, bias, 0xEA); /* (c & 0xF) | 0x4300 */
-          ga[r][j & 1] = _mm512_dpbf16_ps(ga[r][j & 1], (__m512bh)c, (__m512bh)xv);
-        }
-        if (++slice == slices_per_group) { /* group g complete: scale and fold */
-          for (int r = 0; r < QC_ROWS; r++) {
-            float sv = bf16_to_f32(s[(row0 + r) * ng + g]);
-            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(ga[r][0], ga[r][1]), _mm512_set1_ps(sv), acc[r]);
-            ga[r][0] = ga[r][1] = _mm512_setzero_ps();
-          }
-          slice = 0;
-          g++;
+    const uint16_t *tw = w + (size_t)t * noct * QC_ROWS * 2;
+    __m512 acc[4];
+    for (int u = 0; u < 4; u++) acc[u] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+      __m512 ga[4][2];
+      for (int u = 0; u < 4; u++) ga[u][0] = ga[u][1] = _mm512_setzero_ps();
+      for (int c = g * opg; c < (g + 1) * opg; c++) {
+        const uint16_t *p = tw + (size_t)c * QC_ROWS * 2;
+        prefetch_octet(p);
+        __m512i v[4];
+        for (int u = 0; u < 4; u++) v[u] = _mm512_loadu_si512(p + 32 * u);
+        for (int j = 0; j < 4; j++) {
+          __m512i xv = _mm512_set1_epi32((int)xp[4 * c + j]);
+          for (int u = 0; u < 4; u++)
+            ga[u][j & 1] = _mm512_dpbf16_ps(ga[u][j & 1], (__m512bh)nibble_bf16(v[u], j), (__m512bh)xv);
         }
       }
+      const __m512 xsum = _mm512_set1_ps(xs[g]);
+      const uint16_t *sg = s + ((size_t)t * ng + g) * QC_ROWS, *zg = z + ((size_t)t * ng + g) * QC_ROWS;
+      for (int u = 0; u < 4; u++) {
+        __m512 d = _mm512_add_ps(ga[u][0], ga[u][1]);
+        d = _mm512_fnmadd_ps(_mm512_add_ps(load_bf16x16(zg + 16 * u), c128), xsum, d);
+        acc[u] = _mm512_fmadd_ps(load_bf16x16(sg + 16 * u), d, acc[u]);
+      }
     }
-    for (int r = 0; r < QC_ROWS; r++)
-      y[row0 + r] = _mm512_reduce_add_ps(acc[r]) - zero_term(s + (row0 + r) * ng, z + (row0 + r) * ng, xs, ng);
+    for (int u = 0; u < 4; u++) _mm512_storeu_ps(y + (size_t)t * QC_ROWS + 16 * u, acc[u]);
   }
 }
 
-/* MB activation rows at once (rows beyond M are zeros): each weight slice is unpacked once and
-   used MB times; two output rows at a time keep the accumulators in registers. */
+/* QC_MB activation rows at once (rows beyond mb are zeros): each unpacked weight vector is used
+   QC_MB times; two tiles at a time keep the accumulators in registers. */
 #define QC_MB 4
-static void gemm_tiles(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint16_t *xb,
-                       const float *xs, float *y, int mb, int N, int K, int G, int t0, int t1) {
-  const int ng = K / G, nb = NBLOCKS(K), last = LAST_SLICES(K), slices_per_group = G / 32;
-  const __m512i lo4 = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+static void gemm_supertiles(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint32_t *xp,
+                            const float *xs, float *y, int mb, int N, int K, int G, int t0, int t1) {
+  const int ng = K / G, opg = G / 8, noct = K / 8;
+  const __m512 c128 = _mm512_set1_ps(128.f);
   for (int t = t0; t < t1; t++) {
-    const uint16_t *tw = w + (size_t)t * nb * QC_ROWS * 32;
-    for (int r0 = 0; r0 < QC_ROWS; r0 += 2) {
-      const size_t row0 = (size_t)t * QC_ROWS + r0;
-      __m512 acc[QC_MB][2], ga[QC_MB][2];
-      for (int m = 0; m < QC_MB; m++)
-        for (int r = 0; r < 2; r++) acc[m][r] = ga[m][r] = _mm512_setzero_ps();
-      int slice = 0, g = 0;
-      for (int b = 0; b < nb; b++) {
-        const uint16_t *p = tw + (size_t)b * QC_ROWS * 32 + r0 * 32;
-        __m512i v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + 32);
-        const int js = b == nb - 1 ? last : 4;
-        for (int j = 0; j < 4; j++) {
-          if (j == js) break;
-          __m512i c0 = _mm512_ternarylogic_epi32(j ? _mm512_srli_epi16(v0, 4 * j) : v0, lo4, bias, 0xEA);
-          __m512i c1 = _mm512_ternarylogic_epi32(j ? _mm512_srli_epi16(v1, 4 * j) : v1, lo4, bias, 0xEA);
-          for (int m = 0; m < QC_MB; m++) {
-            __m512i xv = _mm512_loadu_si512(xb + (size_t)m * K + b * QC_BLOCK + 32 * j);
-            ga[m][0] = _mm512_dpbf16_ps(ga[m][0], (__m512bh)c0, (__m512bh)xv);
-            ga[m][1] = _mm512_dpbf16_ps(ga[m][1], (__m512bh)c1, (__m512bh)xv);
-          }
-          if (++slice == slices_per_group) {
-            for (int r = 0; r < 2; r++) {
-              __m512 sv = _mm512_set1_ps(bf16_to_f32(s[(row0 + r) * ng + g]));
-              for (int m = 0; m < QC_MB; m++) {
-                acc[m][r] = _mm512_fmadd_ps(ga[m][r], sv, acc[m][r]);
-                ga[m][r] = _mm512_setzero_ps();
-              }
+    const uint16_t *tw = w + (size_t)t * noct * QC_ROWS * 2;
+    for (int u0 = 0; u0 < 4; u0 += 2) {
+      __m512 acc[QC_MB][2];
+      for (int m = 0; m < QC_MB; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+      for (int g = 0; g < ng; g++) {
+        __m512 ga[QC_MB][2];
+        for (int m = 0; m < QC_MB; m++) ga[m][0] = ga[m][1] = _mm512_setzero_ps();
+        for (int c = g * opg; c < (g + 1) * opg; c++) {
+          const uint16_t *p = tw + (size_t)c * QC_ROWS * 2 + 32 * u0;
+          __m512i v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + 32);
+          for (int j = 0; j < 4; j++) {
+            __m512i w0 = nibble_bf16(v0, j), w1 = nibble_bf16(v1, j);
+            for (int m = 0; m < QC_MB; m++) {
+              __m512i xv = _mm512_set1_epi32((int)xp[(size_t)m * (K / 2) + 4 * c + j]);
+              ga[m][0] = _mm512_dpbf16_ps(ga[m][0], (__m512bh)w0, (__m512bh)xv);
+              ga[m][1] = _mm512_dpbf16_ps(ga[m][1], (__m512bh)w1, (__m512bh)xv);
             }
-            slice = 0;
-            g++;
+          }
+        }
+        const uint16_t *sg = s + ((size_t)t * ng + g) * QC_ROWS, *zg = z + ((size_t)t * ng + g) * QC_ROWS;
+        for (int h = 0; h < 2; h++) {
+          __m512 sv = load_bf16x16(sg + 16 * (u0 + h));
+          __m512 zv = _mm512_add_ps(load_bf16x16(zg + 16 * (u0 + h)), c128);
+          for (int m = 0; m < QC_MB; m++) {
+            __m512 d = _mm512_fnmadd_ps(zv, _mm512_set1_ps(xs[(size_t)m * ng + g]), ga[m][h]);
+            acc[m][h] = _mm512_fmadd_ps(sv, d, acc[m][h]);
           }
         }
       }
       for (int m = 0; m < mb; m++)
-        for (int r = 0; r < 2; r++)
-          y[(size_t)m * N + row0 + r] = _mm512_reduce_add_ps(acc[m][r]) -
-              zero_term(s + (row0 + r) * ng, z + (row0 + r) * ng, xs + (size_t)m * ng, ng);
+        for (int h = 0; h < 2; h++)
+          _mm512_storeu_ps(y + (size_t)m * N + (size_t)t * QC_ROWS + 16 * (u0 + h), acc[m][h]);
     }
   }
 }
@@ -177,10 +155,18 @@ static void prep_x(const float *x, uint16_t *xb, float *xs, int K, int G) {
   }
 }
 
-/* y [M, N] = x [M, K] @ w_hat.T (fp32 in and out; bf16 activations inside) */
+/* work items of up to QC_CHUNK supertiles (about four per thread at least), taken as threads
+   finish: a thread that starts late (a vCPU descheduled, a core busy) does not hold up the call */
+static int chunk_size(int supertiles, int nthreads) {
+  int chunk = supertiles / (4 * nthreads);
+  return chunk < 1 ? 1 : chunk > QC_CHUNK ? QC_CHUNK : chunk;
+}
+
+/* y [M, N] = x [M, K] @ w_hat.T (fp32 in and out; bf16 activations inside); N % 64 == 0 */
 void qc_q4_gemv(const uint16_t *w, const uint16_t *s, const uint16_t *z, const float *x, float *y,
                 int M, int N, int K, int G, int nthreads) {
-  const int ng = K / G, tiles = N / QC_ROWS;
+  const int ng = K / G, supertiles = N / QC_ROWS, chunk = chunk_size(supertiles, nthreads);
+  const int nchunks = (supertiles + chunk - 1) / chunk;
   uint16_t *xb = (uint16_t *)calloc((size_t)QC_MB * K, 2);
   float *xs = (float *)calloc((size_t)QC_MB * ng, sizeof(float));
   for (int m0 = 0; m0 < M; m0 += (M == 1 ? 1 : QC_MB)) {
@@ -188,44 +174,58 @@ void qc_q4_gemv(const uint16_t *w, const uint16_t *s, const uint16_t *z, const f
     if (M > 1) memset(xb, 0, (size_t)QC_MB * K * 2);
     for (int m = 0; m < mb; m++) prep_x(x + (size_t)(m0 + m) * K, xb + (size_t)m * K, xs + (size_t)m * ng, K, G);
     float *yr = y + (size_t)m0 * N;
-    /* work items of up to QC_CHUNK tiles (at least 4 per thread), taken as threads finish: a
-       thread that starts late (a vCPU descheduled, a core busy) does not hold up the call */
-    int chunk = tiles / (4 * nthreads);
-    chunk = chunk < 1 ? 1 : chunk > QC_CHUNK ? QC_CHUNK : chunk;
-    const int nchunks = (tiles + chunk - 1) / chunk;
+    const uint32_t *xp = (const uint32_t *)xb;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int c = 0; c < nchunks; c++) {
-      int a = c * chunk, b = a + chunk < tiles ? a + chunk : tiles;
-      if (M == 1) gemv_tiles(w, s, z, xb, xs, yr, K, G, a, b);
-      else gemm_tiles(w, s, z, xb, xs, yr, mb, N, K, G, a, b);
+      int a = c * chunk, b = a + chunk < supertiles ? a + chunk : supertiles;
+      if (M == 1) gemv_supertiles(w, s, z, xp, xs, yr, K, G, a, b);
+      else gemm_supertiles(w, s, z, xp, xs, yr, mb, N, K, G, a, b);
     }
   }
   free(xb);
   free(xs);
 }
 
-/* out [N, K] bf16 = s * (q - z), for batches where a dense bf16 matmul beats the GEMV */
+/* out [N, K] bf16 = s * (q - z), for batches where a dense bf16 matmul beats the kernel */
 void qc_q4_dequant_bf16(const uint16_t *w, const uint16_t *s, const uint16_t *z, uint16_t *out,
                         int N, int K, int G, int nthreads) {
-  const int ng = K / G, nb = NBLOCKS(K), last = LAST_SLICES(K), tiles = N / QC_ROWS;
+  const int ng = K / G, noct = K / 8, supertiles = N / QC_ROWS;
+  /* lanes 0..15 of a nibble vector are rows 0..7 (two columns each), lanes 16..31 rows 8..15 */
+  const __m512i lo_rows = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi_rows = _mm512_add_epi32(lo_rows, _mm512_set1_epi32(8));
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int t = 0; t < tiles; t++) {
+  for (int t = 0; t < supertiles; t++) {
     const __m512i lo4 = _mm512_set1_epi16(0x000F);
-    for (int r = 0; r < QC_ROWS; r++) {
-      const size_t n = (size_t)t * QC_ROWS + r;
-      for (int b = 0; b < nb; b++) {
-        __m512i v = _mm512_loadu_si512(w + ((size_t)t * nb + b) * QC_ROWS * 32 + r * 32);
-        for (int j = 0; j < (b == nb - 1 ? last : 4); j++) {
-          int k0 = b * QC_BLOCK + 32 * j, g = k0 / G;
-          __m512 sv = _mm512_set1_ps(bf16_to_f32(s[n * ng + g]));
-          __m512 zv = _mm512_set1_ps(bf16_to_f32(z[n * ng + g]));
-          __m512i c = _mm512_and_si512(_mm512_srli_epi16(v, 4 * j), lo4);
-          __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(c)));
-          __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(c, 1)));
-          lo = _mm512_mul_ps(_mm512_sub_ps(lo, zv), sv);
-          hi = _mm512_mul_ps(_mm512_sub_ps(hi, zv), sv);
-          __m512bh h = _mm512_cvtne2ps_pbh(hi, lo);
-          _mm512_storeu_si512(out + n * K + k0, (__m512i)h);
+    for (int u = 0; u < 4; u++) {
+      const size_t row0 = (size_t)t * QC_ROWS + 16 * u;
+      for (int g = 0; g < ng; g++) {
+        __m512 sv = load_bf16x16(s + ((size_t)t * ng + g) * QC_ROWS + 16 * u);
+        __m512 zv = load_bf16x16(z + ((size_t)t * ng + g) * QC_ROWS + 16 * u);
+        __m512 s_lo = _mm512_permutexvar_ps(lo_rows, sv), s_hi = _mm512_permutexvar_ps(hi_rows, sv);
+        __m512 z_lo = _mm512_permutexvar_ps(lo_rows, zv), z_hi = _mm512_permutexvar_ps(hi_rows, zv);
+        for (int c = g * (G / 8); c < (g + 1) * (G / 8); c++) {
+          __m512i v = _mm512_loadu_si512(w + ((size_t)t * noct + c) * QC_ROWS * 2 + 32 * u);
+          __m512i pairs[4]; /* pairs[j]: 32-bit lane r = row r's bf16 values at columns 2j, 2j+1 */
+          for (int j = 0; j < 4; j++) {
+            __m512i q = _mm512_and_si512(j ? _mm512_srli_epi16(v, 4 * j) : v, lo4);
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(q)));
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(q, 1)));
+            lo = _mm512_mul_ps(_mm512_sub_ps(lo, z_lo), s_lo);
+            hi = _mm512_mul_ps(_mm512_sub_ps(hi, z_hi), s_hi);
+            pairs[j] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+          }
+          /* transpose 4 x 16 dwords so each row's 8 columns are one 128-bit lane */
+          __m512i t0 = _mm512_unpacklo_epi32(pairs[0], pairs[1]), t1 = _mm512_unpackhi_epi32(pairs[0], pairs[1]);
+          __m512i t2 = _mm512_unpacklo_epi32(pairs[2], pairs[3]), t3 = _mm512_unpackhi_epi32(pairs[2], pairs[3]);
+          __m512i r[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                          _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+          for (int i = 0; i < 4; i++) { /* r[i] lane q holds row 4 q + i */
+            uint16_t *o = out + (row0 + i) * (size_t)K + 8 * (size_t)c;
+            _mm_storeu_si128((__m128i *)o, _mm512_extracti32x4_epi32(r[i], 0));
+            _mm_storeu_si128((__m128i *)(o + 4 * (size_t)K), _mm512_extracti32x4_epi32(r[i], 1));
+            _mm_storeu_si128((__m128i *)(o + 8 * (size_t)K), _mm512_extracti32x4_epi32(r[i], 2));
+            _mm_storeu_si128((__m128i *)(o + 12 * (size_t)K), _mm512_extracti32x4_epi32(r[i], 3));
+          }
         }
       }
     }
