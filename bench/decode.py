@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections import Counter
 import json
 import os
 import statistics
@@ -29,16 +30,13 @@ from torch import nn  # noqa: E402
 import qcore  # noqa: E402
 from qcore.eval import format_table  # noqa: E402
 from qcore.models import DEFAULT_MODEL, load_model  # noqa: E402
+from qcore.quant.linear import QuantLinear  # noqa: E402
 
 PROMPT = "Once upon a time, in a small town by the sea, there lived"
 
 
 def backend_counts(model: nn.Module) -> str:
     """How many QuantLinear layers each backend runs, e.g. ``int4_native x210``."""
-    from collections import Counter
-
-    from qcore.quant.linear import QuantLinear
-
     counts = Counter(m.select_backend() for m in model.modules() if isinstance(m, QuantLinear))
     return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
@@ -47,8 +45,6 @@ def variants(model: nn.Module, groups: list[int], torch_kernel: bool) -> dict[st
     """name -> model: float32, bfloat16 and RTN 4-bit at each group size (the backends ``auto``
     picks; with ``torch_kernel``, each that uses qcore's own kernel also forced to torch's,
     ``int4_cpu``)."""
-    from qcore.quant.linear import QuantLinear
-
     out = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
     for g in groups:
         q = copy.deepcopy(model)

@@ -47,11 +47,11 @@ def test_layout_is_the_documented_one() -> None:
 
 
 def test_shape_reasons() -> None:
-    assert native.shape_reason(256, 64, 4, 128) is None
-    assert native.shape_reason(576, 100, 4, 64) is None  # any out_features (padded to 64 rows inside)
-    assert "multiple of 32" in (native.shape_reason(200, 64, 4, 40) or "")
-    assert "multiple of 32" in (native.shape_reason(256, 64, 4, 16) or "")
-    assert "5-bit" in (native.shape_reason(256, 64, 5, 128) or "")
+    assert kernels.int4_native_shape_reason(256, 4, 128, None) is None
+    assert kernels.int4_native_shape_reason(576, 4, 64, None) is None  # any out_features (padded to 64 rows inside)
+    assert "multiple of 32" in (kernels.int4_native_shape_reason(200, 4, 40, None) or "")
+    assert "multiple of 32" in (kernels.int4_native_shape_reason(256, 4, 16, None) or "")
+    assert "5-bit" in (kernels.int4_native_shape_reason(256, 5, 128, None) or "")
 
 
 @needs_kernel

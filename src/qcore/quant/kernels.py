@@ -152,17 +152,23 @@ class NativeQ4Pack:
     n: int                  # out_features
 
 
+def int4_native_shape_reason(in_features: int, bits: int, group_size: int, g_idx: Tensor | None) -> str | None:
+    """Why qcore's native kernel cannot take a layer of this shape (any out_features: the pack
+    pads rows); the codes must suit both int4 kernels (:func:`_int4_codes_reason`)."""
+    from qcore.quant import native
+
+    if in_features % native.SLICE:
+        return f"in_features must be a multiple of {native.SLICE}"
+    return _int4_codes_reason(in_features, bits, group_size, g_idx)
+
+
 def int4_native_reason(in_features: int, out_features: int, bits: int, group_size: int,
                        g_idx: Tensor | None) -> str | None:
     """Why qcore's native kernel cannot run this layer here (None when it can)."""
     from qcore.quant import native
 
-    reason = native.shape_reason(in_features, out_features, bits, group_size)
-    if reason is None and g_idx is not None and _act_order_perm(g_idx, group_size, in_features) is None:
-        reason = "act-order groups of unequal size"
-    if reason is None:
-        reason = native.unavailable_reason()  # builds the library on first use
-    return reason
+    # unavailable_reason() builds the library on first use
+    return int4_native_shape_reason(in_features, bits, group_size, g_idx) or native.unavailable_reason()
 
 
 def build_int4_native(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int,

@@ -39,7 +39,7 @@ ABI = 2
 ROWS = 64
 """Output rows per supertile (out_features is padded to a multiple of this inside the pack)."""
 SLICE = 32
-"""in_features and the group size must be multiples of this."""
+"""in_features must be a multiple of this (and the group, as for torch's int4 kernel)."""
 ENV_DISABLE = "QCORE_NATIVE"
 ENV_CACHE = "QCORE_CACHE_DIR"
 
@@ -116,6 +116,13 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     return lib, None
 
 
+def _lib() -> ctypes.CDLL:
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"qcore's native kernel is unavailable: {reason}")
+    return lib
+
+
 def unavailable_reason() -> str | None:
     """Why the native kernel cannot run here (None when it can); builds it on first call."""
     return _load()[1]
@@ -123,18 +130,6 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return _load()[0] is not None
-
-
-def shape_reason(in_features: int, out_features: int, bits: int, group_size: int) -> str | None:
-    """Why the kernel cannot run a layer of this shape (None when it can)."""
-    if bits > 4:
-        return f"{bits}-bit weights (the kernel takes codes of at most 4 bits)"
-    if in_features % SLICE:
-        return f"in_features must be a multiple of {SLICE}"
-    gs = in_features if group_size == -1 else group_size
-    if gs % SLICE:
-        return f"group size {gs} is not a multiple of {SLICE}"
-    return None
 
 
 def padded_rows(n: int) -> int:
@@ -175,9 +170,7 @@ def untranspose_groups(t: Tensor, n: int) -> Tensor:
 def q4_mm(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, group_size: int, n: int) -> Tensor:
     """``x [M, K] float32 -> [M, n] float32`` with the packed weight and the transposed bf16
     scales/zeros of :func:`transpose_groups`."""
-    lib, reason = _load()
-    if lib is None:
-        raise RuntimeError(f"qcore's native kernel is unavailable: {reason}")
+    lib = _lib()
     m, k = x.shape
     x = x.to(torch.float32).contiguous()
     y = torch.empty(m, padded_rows(n), dtype=torch.float32)
@@ -190,9 +183,7 @@ def q4_dequant_bf16(words: Tensor, scales: Tensor, zeros: Tensor, group_size: in
                     out: Tensor | None = None) -> Tensor:
     """The bf16 ``[n, K]`` weight ``s * (q - z)`` (for batches a dense bf16 matmul runs faster),
     written into ``out`` (``[ceil(n / 64) * 64, K]``) when given."""
-    lib, reason = _load()
-    if lib is None:
-        raise RuntimeError(f"qcore's native kernel is unavailable: {reason}")
+    lib = _lib()
     np_ = padded_rows(n)
     if out is None:
         out = torch.empty(np_, k, dtype=torch.bfloat16)
