@@ -146,7 +146,7 @@ def bench_main(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = [{"bits": "-", "method": "float", "ppl": ppl(model), "seconds": None}]
     print(rows[-1], flush=True)
     if args.peers:
-        save_float(model, work / "float", tok)
+        save_float(model, work / "float", tok, overwrite=True)
         save_file({"input_ids": calib.input_ids.contiguous()}, str(work / "calib.safetensors"))
         info = inspect_model(model)
         linears = {f"{b.name}.{n}": li.in_features for b in info.blocks for n, li in b.linears.items()}

@@ -203,7 +203,7 @@ def bench_main(args: argparse.Namespace) -> None:
     print(rows[-1], flush=True)
     float_dir = work / "float"
     if args.peers:
-        save_float(model, float_dir, tok)
+        save_float(model, float_dir, tok, overwrite=True)
         save_file({"input_ids": calib.input_ids.contiguous()}, str(work / "calib.safetensors"))
         save_file({"windows": win.contiguous()}, str(work / "eval.safetensors"))
     del model

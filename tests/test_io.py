@@ -185,7 +185,10 @@ def test_overwrite_replaces_and_leaves_nothing_behind(tmp_path):
     x = tiny_inputs(a)
     target = tmp_path / "ck"
     io.save(a, target)
-    io.save(b, target)
+    with pytest.raises(CheckpointError, match="overwrite=True"):
+        io.save(b, target)
+    assert torch.equal(logits(io.load(target), x), logits(a, x))
+    io.save(b, target, overwrite=True)
     assert torch.equal(logits(io.load(target), x), logits(b, x))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
@@ -209,7 +212,7 @@ def test_failure_mid_save_keeps_earlier_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "_write_shard", failing)
     newer = quantized("qwen3", bits=8)
     with pytest.raises(OSError, match="injected"):
-        io.save(newer, target, max_shard_size="16KB")
+        io.save(newer, target, max_shard_size="16KB", overwrite=True)
     assert len(calls) == 2 and calls[0].is_file() is False  # the temp dir is gone
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no half-written dir
@@ -231,8 +234,9 @@ def test_refuses_to_replace_a_directory_that_is_not_a_checkpoint(tmp_path):
     target = tmp_path / "home"
     (target / "projects").mkdir(parents=True)
     (target / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="does not look like a checkpoint"):
-        io.save(quantized("llama"), target)
+    for overwrite in (False, True):
+        with pytest.raises(CheckpointError, match="not written by qcore"):
+            io.save(quantized("llama"), target, overwrite=overwrite)
     assert (target / "notes.txt").read_text() == "keep me"
 
 

@@ -108,6 +108,9 @@ def test_save_float_round_trip_and_refusals(tmp_path: Path) -> None:
     (tmp_path / "notes" / "sub").mkdir()
     with pytest.raises(CheckpointError, match="refusing to replace"):
         save_float(model, tmp_path / "notes")
+    with pytest.raises(CheckpointError, match="overwrite"):
+        save_float(model, out)
+    assert save_float(model, out, overwrite=True) == out
     qcore.quantize(model, "rtn", bits=4, group_size=32)
     with pytest.raises(CheckpointError, match="qcore.save"):
         save_float(model, tmp_path / "q")

@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     _method_args(s)
     _calib_args(s)
-    s.add_argument("--out", required=True, help="output directory (written atomically)")
+    s.add_argument("--out", required=True, help="output folder (written aside, then renamed into place); "
+                   "must be new or empty unless it is a qcore output and --overwrite is given")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier qcore output "
+                   "(and nothing else)")
     s.add_argument("--eval", action="store_true", help="report float vs quantized perplexity and size")
     _eval_args(s)
     s.add_argument("--json", help="also write the report as JSON to this file")
@@ -211,6 +214,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from qcore import io
 
     options = parse_options(args)
+    inputs = (args.model,) if Path(args.model).expanduser().exists() else ()
+    io.check_target(args.out, args.overwrite, inputs)  # before the slow work
     model, tok = _load_model(args.model)
     calib_source, eval_texts, eval_name = _sources(args)
     report: dict[str, Any] = {"model": args.model, "method": args.method, "options": options}
@@ -222,7 +227,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                    tokenizer=tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
                    device=args.device, **options)
     report["quantize_seconds"] = round(time.perf_counter() - start, 2)
-    out = io.save(model, args.out, tokenizer=tok)
+    out = io.save(model, args.out, tokenizer=tok, overwrite=args.overwrite)
     report["out"] = str(out)
     if args.eval:
         reloaded = io.load(out)

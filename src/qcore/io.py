@@ -170,11 +170,13 @@ def _write_json(data: Any, path: Path) -> None:
 
 # -- save -----------------------------------------------------------------------------------------
 def save(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any = None,
-         max_shard_size: int | str = "2GB") -> Path:
+         max_shard_size: int | str = "2GB", overwrite: bool = False) -> Path:
     """Write a quantized ``model`` (and ``tokenizer``) to directory ``path``, atomically.
 
     Everything is written into a temporary directory beside ``path`` and renamed into place, so
-    a failure leaves any earlier checkpoint at ``path`` intact. Returns the resolved path.
+    a failure leaves any earlier checkpoint at ``path`` intact. An existing ``path`` is replaced
+    only when qcore wrote it and ``overwrite`` is True; the folder the model was read from never
+    is (:func:`check_target`). Returns the resolved path.
     """
     record = getattr(model, "qcore_record", None)
     if not isinstance(record, dict):
@@ -188,7 +190,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any = None,
     max_bytes = parse_size(max_shard_size)
     state, tied = dedupe_tied(_state_for_save(model))
     qconfig = _quantization_config(model, record, tied)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite, "checkpoint", model_sources(model)) as tmp:
         files = _write_weights(state, tmp, max_bytes)
         qconfig["checkpoint"]["files"] = files
         config_dict = json.loads(config.to_json_string(use_diff=False))
@@ -206,26 +208,148 @@ def save(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any = None,
     return target
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; on success it is synced and renamed to
-    ``path`` (an earlier checkpoint there is replaced), on failure deleted, leaving ``path`` as
-    it was. Refuses to replace a directory that does not look like a checkpoint."""
+MARKER_FILE = ".qcore-written.json"
+"""Written last into every folder qcore creates: what wrote it and the files it holds. Only a
+folder carrying it (and holding nothing else) may be replaced, and only when asked to."""
+TMP_INFIX = ".qcore-tmp-"
+OLD_INFIX = ".qcore-old-"
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """The marker of a folder qcore wrote, or None (no marker, or not one of qcore's)."""
+    try:
+        data = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("writer") == "qcore" else None
+
+
+def _foreign_entries(path: Path, marker: dict[str, Any]) -> list[str]:
+    """Entries of a qcore-written folder that qcore did not write there (the user's)."""
+    ours = set(marker.get("files", [])) | {MARKER_FILE}
+    return sorted(e.name for e in path.iterdir() if e.name not in ours)
+
+
+def check_target(path: str | os.PathLike[str], overwrite: bool = False,
+                 inputs: tuple[str | os.PathLike[str], ...] = ()) -> Path:
+    """Refuse an output folder whose writing could delete anything of the user's.
+
+    Allowed: a path that does not exist, an empty folder, or (only with ``overwrite``) a folder
+    that qcore wrote (its marker lists every entry in it). Never a model being read (``inputs``),
+    a folder containing one, the current directory or one of its parents. Returns the absolute
+    target; raises :class:`CheckpointError` with the reason and the fix otherwise.
+    """
     target = Path(path).expanduser().absolute()
-    _check_replaceable(target)
+    resolved = target.resolve()
+    for src in inputs:
+        s = Path(src).expanduser().resolve()
+        if resolved == s or resolved in s.parents:
+            raise CheckpointError(f"{target} is (or contains) the input model {src}; writing there would "
+                                  "delete it: pass another output folder")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise CheckpointError(f"{target} is the current directory or one of its parents; qcore writes a "
+                              "whole folder: pass a new folder, e.g. --out out/model-q4")
+    if not target.exists():
+        return target
+    if not target.is_dir():
+        raise CheckpointError(f"{target} exists and is a file; qcore writes a folder: pass a new folder")
+    entries = sorted(e.name for e in target.iterdir())
+    if not entries:
+        return target
+    marker = read_marker(target)
+    if marker is None:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise CheckpointError(f"{target} exists and was not written by qcore (it holds {shown}); refusing to "
+                              "replace it: pass a new or empty folder")
+    foreign = _foreign_entries(target, marker)
+    if foreign:
+        raise CheckpointError(f"{target} was written by qcore but now also holds {', '.join(foreign[:5])}, "
+                              "which qcore did not write; refusing to replace it: move those files out or "
+                              "pass another folder")
+    if not overwrite:
+        raise CheckpointError(f"{target} already holds a qcore {marker.get('kind', 'output')}; pass "
+                              "overwrite=True (--overwrite on the command line) to replace it, or pick "
+                              "another folder")
+    return target
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_leftovers(target: Path) -> list[Path]:
+    """Delete what interrupted writes of ``target`` left beside it: temporary folders of
+    processes that are gone, and a moved-aside earlier version once ``target`` exists again.
+    A moved-aside version is the only copy while ``target`` is missing: it is kept and reported
+    (by :func:`load` too). Returns what was removed."""
+    removed: list[Path] = []
+    parent = target.parent
+    if not parent.is_dir():
+        return removed
+    for tmp in parent.glob(f".{target.name}{TMP_INFIX}*"):
+        pid = tmp.name.removeprefix(f".{target.name}{TMP_INFIX}").split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)) and read_marker(tmp) is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    old = sorted(parent.glob(f".{target.name}{OLD_INFIX}*"))
+    if old and target.is_dir():
+        for o in old:
+            shutil.rmtree(o, ignore_errors=True)
+            removed.append(o)
+    elif old:
+        log.warning("%s is missing but an interrupted write left its earlier version at %s: rename it back",
+                    target, old[-1])
+    for r in removed:
+        log.info("removed %s, left by an interrupted write", r)
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False, kind: str = "checkpoint",
+               inputs: tuple[str | os.PathLike[str], ...] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success qcore's marker is added, the files
+    are synced and the folder is renamed to ``path``, on failure it is deleted, leaving ``path``
+    as it was. Only a folder qcore wrote may be replaced, and only with ``overwrite``
+    (:func:`check_target`). Permissions follow the umask."""
+    target = check_target(path, overwrite, inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qcore-tmp-", dir=target.parent))
+    clean_leftovers(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_INFIX}{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
+        mask = _umask()
+        files = sorted(f.name for f in tmp.iterdir())
+        _write_json({"writer": "qcore", "kind": kind, "files": files}, tmp / MARKER_FILE)
         for f in tmp.iterdir():
             if f.is_file():
+                os.chmod(f, 0o666 & ~mask)
                 _fsync_file(f)
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o777 & ~mask)
         _fsync_dir(tmp)
+        check_target(target, overwrite, inputs)  # again: the folder may have changed meanwhile
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def model_sources(model: nn.Module) -> tuple[str, ...]:
+    """Local folders ``model`` was read from (its ``name_or_path``), which no write may replace."""
+    src = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return (str(src),) if src and Path(str(src)).expanduser().is_dir() else ()
 
 
 def _can_generate(model: nn.Module) -> bool:
@@ -291,27 +415,6 @@ def _quantization_config(model: nn.Module, record: dict[str, Any], tied: dict[st
     return qc
 
 
-def _looks_like_checkpoint(path: Path) -> bool:
-    entries = list(path.iterdir())
-    if not entries:
-        return True
-    if any(e.is_dir() for e in entries):
-        return False
-    return any(e.name == CONFIG_FILE or e.suffix == ".safetensors" for e in entries)
-
-
-def _check_replaceable(target: Path) -> None:
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise CheckpointError(f"{target} exists and is a file; qcore.save writes a directory: pass a new "
-                              "or existing checkpoint directory")
-    if not _looks_like_checkpoint(target):
-        raise CheckpointError(f"{target} exists and does not look like a checkpoint (no config.json or "
-                              "*.safetensors, or it holds sub-folders); refusing to replace it: pass a new "
-                              "directory, an empty one, or an earlier checkpoint to overwrite")
-
-
 def _replace_dir(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first, then deleted."""
     parent = target.parent
@@ -319,7 +422,7 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         os.rename(tmp, target)
         _fsync_dir(parent)
         return
-    old = parent / f".{target.name}.qcore-old-{uuid.uuid4().hex[:8]}"
+    old = parent / f".{target.name}{OLD_INFIX}{uuid.uuid4().hex[:8]}"
     os.rename(target, old)
     try:
         os.rename(tmp, target)
@@ -386,7 +489,7 @@ def _checkpoint_dir(path: str | os.PathLike[str]) -> Path:
     if root.exists():
         raise CheckpointError(f"{root} is a file; qcore.load takes the checkpoint directory that "
                               "qcore.save wrote")
-    leftovers = sorted(root.parent.glob(f".{root.name}.qcore-old-*")) if root.parent.is_dir() else []
+    leftovers = sorted(root.parent.glob(f".{root.name}{OLD_INFIX}*")) if root.parent.is_dir() else []
     if leftovers:
         raise CheckpointError(f"{root} does not exist, but an interrupted save left the previous "
                               f"checkpoint at {leftovers[-1]}: rename it back to {root.name}")

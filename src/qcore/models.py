@@ -185,7 +185,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL,
     return model.eval(), tokenizer
 
 
-def save_float(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+def save_float(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
     """Write a float model as a plain Hugging Face folder (safetensors), atomically.
 
     Unlike ``model.save_pretrained`` this also works for a model loaded from GGUF (such as
@@ -195,7 +195,7 @@ def save_float(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None)
     """
     import copy
 
-    from qcore.io import atomic_dir
+    from qcore.io import atomic_dir, model_sources
 
     if getattr(model, "qcore_record", None) is not None:
         raise CheckpointError("this model was quantized by qcore: save it with qcore.save(model, path)")
@@ -209,7 +209,7 @@ def save_float(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None)
     dtype = next(model.parameters()).dtype
     clean = type(model)(cfg).to(dtype)
     clean.load_state_dict(model.state_dict())
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite, "float model", model_sources(model)) as tmp:
         clean.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
