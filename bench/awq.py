@@ -127,7 +127,7 @@ def bench_main(args: argparse.Namespace) -> None:
     import qcore
     from qcore.data import get_calibration
     from qcore.eval import perplexity
-    from qcore.introspect import inspect_model
+    from qcore.arch.introspect import inspect_model
     from qcore.models import load_model, save_float
 
     torch.manual_seed(0)

@@ -39,9 +39,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from qcore.data import CalibrationData
-from qcore.engine import BlockContext, run_chain
+from qcore.pipeline.engine import BlockContext, run_chain
 from qcore.eval import format_table
-from qcore.protocol import BaseQuantizer
+from qcore.plugin.protocol import BaseQuantizer
 from qcore.tiny import tiny_model
 
 MB = 2**20

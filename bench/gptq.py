@@ -125,7 +125,7 @@ def peer_main(name: str, cfg: dict) -> None:
 # bench mode: runs in qcore's environment
 # ================================================================================================
 def _block_linears(model: Any) -> dict[str, int]:
-    from qcore.introspect import inspect_model
+    from qcore.arch.introspect import inspect_model
 
     info = inspect_model(model)
     return {f"{b.name}.{n}": li.in_features for b in info.blocks for n, li in b.linears.items()}

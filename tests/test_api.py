@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qcore
-from qcore.errors import CalibrationError, CompatibilityError, ConfigError
+from qcore.plugin.errors import CalibrationError, CompatibilityError, ConfigError
 from qcore.methods.rtn import RTNConfig
 from qcore.quant.linear import QuantLinear
 from qcore.registry import get_registry

@@ -11,9 +11,9 @@ import torch
 import qcore
 from qcore import compat
 from qcore.compat import Verdict, check, dividing_group_sizes, matrix_rows, render_markdown
-from qcore.config import WeightQuantConfig
-from qcore.errors import CompatibilityError, ConfigError
-from qcore.spec import Capabilities, MethodSpec
+from qcore.plugin.config import WeightQuantConfig
+from qcore.plugin.errors import CompatibilityError, ConfigError
+from qcore.plugin.spec import Capabilities, MethodSpec
 from qcore.testing import STORIES_DIR, requires_shared
 from qcore.tiny import TINY_FAMILIES, tiny_model
 

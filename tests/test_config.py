@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from qcore.config import CONFIG_VERSION
-from qcore.errors import ConfigError
+from qcore.plugin.config import CONFIG_VERSION
+from qcore.plugin.errors import ConfigError
 from qcore.methods.rtn import RTNConfig
 
 

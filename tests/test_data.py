@@ -15,7 +15,7 @@ from qcore.data import (
     read_texts,
     window_starts,
 )
-from qcore.errors import CalibrationError
+from qcore.plugin.errors import CalibrationError
 from qcore.testing import HAS_SHARED, SHARED, STORIES_DIR, requires_shared
 
 

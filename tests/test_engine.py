@@ -1,4 +1,4 @@
-"""qcore.engine: input capture for every tiny architecture, propagation, statistics, surgery."""
+"""qcore.pipeline.engine: input capture for every tiny architecture, propagation, statistics, surgery."""
 from __future__ import annotations
 
 import copy
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from qcore.data import CalibrationData
-from qcore.engine import BlockContext, RunContext, run_chain
-from qcore.errors import CalibrationError
-from qcore.protocol import BaseQuantizer
+from qcore.pipeline.engine import BlockContext, RunContext, run_chain
+from qcore.plugin.errors import CalibrationError
+from qcore.plugin.protocol import BaseQuantizer
 from qcore.tiny import TINY_FAMILIES, tiny_model
 
 SEQ = 80  # longer than the sliding window (64) of the tiny mistral and gemma2
@@ -196,7 +196,7 @@ def test_expert_stats_use_routed_tokens_only() -> None:
 
 class RTN(BaseQuantizer):
     def __init__(self, ignore: list[str] | None = None) -> None:
-        from qcore.config import WeightQuantConfig
+        from qcore.plugin.config import WeightQuantConfig
 
         self.config = WeightQuantConfig(bits=4, group_size=32, ignore=ignore or [])
         self.spec = None
@@ -225,7 +225,7 @@ class BackendProbe(RTN):
 
 
 def test_calibration_backend_during_the_block_then_auto() -> None:
-    from qcore.engine import CALIBRATION_BACKEND
+    from qcore.pipeline.engine import CALIBRATION_BACKEND
     from qcore.quant.linear import QuantLinear
 
     model = tiny_model("llama", num_hidden_layers=2)
@@ -265,7 +265,7 @@ def test_quantize_linear_replaces_and_records() -> None:
 
 
 def test_needs_calibration_error_and_bad_propagate() -> None:
-    from qcore.spec import Capabilities
+    from qcore.plugin.spec import Capabilities
 
     class Spec:
         name = "needy"

@@ -19,7 +19,7 @@ from qcore.eval import (
     windows,
     write_json,
 )
-from qcore.errors import CalibrationError, CompatibilityError
+from qcore.plugin.errors import CalibrationError, CompatibilityError
 from qcore.testing import STORIES_DIR, TINYSTORIES_TXT, requires_shared
 from qcore.tiny import tiny_model
 

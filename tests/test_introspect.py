@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from qcore.errors import ArchitectureError
-from qcore.fold import group_tie
-from qcore.introspect import (
+from qcore.plugin.errors import ArchitectureError
+from qcore.arch.fold import group_tie
+from qcore.arch.introspect import (
     ScaleGroup,
     UnfusedExperts,
     fold_scales,
@@ -245,7 +245,7 @@ def test_mha_makes_v_to_o_scalable() -> None:
 
 
 def test_gqa_v_to_o_folds_exactly_with_tied_scales() -> None:
-    from qcore.fold import tie_channels
+    from qcore.arch.fold import tie_channels
 
     model = tiny_model("llama")  # 4 query heads, 2 kv heads, head_dim 16
     _perturb(model)
@@ -268,7 +268,7 @@ def test_gqa_v_to_o_folds_exactly_with_tied_scales() -> None:
 
 
 def test_gqa_without_head_width_is_not_scalable() -> None:
-    from qcore.introspect import _gqa_repeat
+    from qcore.arch.introspect import _gqa_repeat
 
     assert _gqa_repeat(32, 64, SimpleNamespace(head_dim=16)) == (2, 16)
     assert _gqa_repeat(32, 64, SimpleNamespace(hidden_size=64, num_attention_heads=4)) == (2, 16)

@@ -9,7 +9,7 @@ import torch
 
 import qcore
 from qcore import io
-from qcore.errors import CheckpointError
+from qcore.plugin.errors import CheckpointError
 from qcore.testing import STORIES_DIR, requires_shared
 from qcore.tiny import tiny_inputs, tiny_model
 

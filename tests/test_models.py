@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qcore.errors import CheckpointError
+from qcore.plugin.errors import CheckpointError
 from qcore.models import DEFAULT_MODEL, SMOLLM2_GGUF, load_model, resolve_model, tiny_model
 from qcore.testing import requires_shared
 

@@ -12,7 +12,7 @@ import pytest
 
 import qcore
 from qcore import io
-from qcore.errors import CheckpointError
+from qcore.plugin.errors import CheckpointError
 from qcore.tiny import tiny_model
 
 

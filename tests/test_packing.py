@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcore.errors import CompatibilityError
+from qcore.plugin.errors import CompatibilityError
 from qcore.quant.packing import pack_codes, packed_words, unpack_codes
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from qcore.errors import CompatibilityError
+from qcore.plugin.errors import CompatibilityError
 from qcore.quant.primitives import (
     NF4_TABLE,
     QuantizedWeight,

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from qcore.errors import CompatibilityError, ConfigError
+from qcore.plugin.errors import CompatibilityError, ConfigError
 from qcore.quant import kernels
 from qcore.quant.act import ActQuant, calibrate_static_scale, fake_quant_act, quantize_act_int8
 from qcore.quant.linear import BACKEND_ENV, BACKEND_RTOL, QuantLinear

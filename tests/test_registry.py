@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import qcore
-from qcore.errors import PluginLoadError, UnknownMethodError
+from qcore.plugin.errors import PluginLoadError, UnknownMethodError
 from qcore.registry import Registry
 
 
@@ -64,7 +64,7 @@ def test_broken_plugin_is_reported_and_others_work(tmp_path: Path) -> None:
     fake_distribution(tmp_path, "qcore_broken", {"broken": "qcore_broken_mod"}, BROKEN)
     out = run_py("""
         import json, qcore
-        from qcore.errors import PluginLoadError
+        from qcore.plugin.errors import PluginLoadError
         info = {p.name: p.__dict__ for p in qcore.list_plugins()}
         try:
             qcore.get_method('broken')

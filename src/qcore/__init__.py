@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qcore.config import QuantConfig, WeightQuantConfig
-from qcore.errors import (
+from qcore.plugin.config import QuantConfig, WeightQuantConfig
+from qcore.plugin.errors import (
     CalibrationError,
     CheckpointError,
     CompatibilityError,
@@ -16,27 +16,27 @@ from qcore.errors import (
     QcoreError,
     UnknownMethodError,
 )
-from qcore.hookspecs import hookimpl
-from qcore.protocol import BaseQuantizer, Quantizer
+from qcore.plugin.hookspecs import hookimpl
+from qcore.plugin.protocol import BaseQuantizer, Quantizer
 from qcore.registry import get_method, list_methods, list_plugins
-from qcore.spec import Capabilities, MethodSpec
+from qcore.plugin.spec import Capabilities, MethodSpec
 
 __version__ = "0.1.0"
 
 # Heavy entry points, imported on first attribute access (they import torch).
 _LAZY = {
-    "quantize": "qcore.api",
+    "quantize": "qcore.pipeline.api",
     "check": "qcore.compat",
     "save": "qcore.io",
     "load": "qcore.io",
-    "finetune": "qcore.api",
-    "inspect_model": "qcore.introspect",
+    "finetune": "qcore.pipeline.api",
+    "inspect_model": "qcore.arch.introspect",
 }
 
 if TYPE_CHECKING:
-    from qcore.api import finetune, quantize
+    from qcore.pipeline.api import finetune, quantize
     from qcore.compat import check
-    from qcore.introspect import inspect_model
+    from qcore.arch.introspect import inspect_model
     from qcore.io import load, save
 
 

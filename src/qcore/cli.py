@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qcore.errors import ConfigError, QcoreError
+from qcore.plugin.errors import ConfigError, QcoreError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULTS = {"n_samples": 64, "seq_len": 512, "seed": 0, "eval_seq_len": 512, "eval_tokens": 16384}

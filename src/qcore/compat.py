@@ -1,7 +1,7 @@
 """The compatibility matrix as data, and ``qcore.check``.
 
 The matrix is computed, never written by hand: methods come from the registry (each
-``MethodSpec.capabilities``), architecture families from :data:`qcore.archtable.FAMILIES`,
+``MethodSpec.capabilities``), architecture families from :data:`qcore.arch.table.FAMILIES`,
 options from each method's config class. :func:`check` applies the same data to one model;
 ``qcore.quantize`` runs it first and refuses with its message.
 
@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qcore import archtable
-from qcore.config import QuantConfig
-from qcore.errors import CompatibilityError, ConfigError, QcoreError
+from qcore.arch import table as archtable
+from qcore.plugin.config import QuantConfig
+from qcore.plugin.errors import CompatibilityError, ConfigError, QcoreError
 from qcore.registry import get_registry
-from qcore.spec import MethodSpec
+from qcore.plugin.spec import MethodSpec
 
 if TYPE_CHECKING:
-    from qcore.introspect import ModelInfo
+    from qcore.arch.introspect import ModelInfo
 
 ACT_BITS_FIELDS: tuple[str, ...] = ("act_bits", "activation_bits", "a_bits")
 """Config fields holding a method's activation bit width (checked against ``activation_bits``)."""
@@ -125,7 +125,7 @@ def check(model: Any, method: str | MethodSpec | list[str | MethodSpec] | tuple[
           **options: Any) -> Verdict:
     """Check that ``method`` (a name, a spec, or a chain of them) can quantize ``model``.
 
-    ``model`` is an ``nn.Module`` (inspected with :func:`qcore.introspect.inspect_model`, which
+    ``model`` is an ``nn.Module`` (inspected with :func:`qcore.arch.introspect.inspect_model`, which
     rewrites Conv1D/fused experts exactly, in place), a ``ModelInfo``, or ``None`` to check
     only the options. ``options`` go to every method whose config declares them;
     ``config=`` passes a ready config (or one per method of a chain) instead.
@@ -251,7 +251,7 @@ def _check_bits(spec: MethodSpec, cfg: QuantConfig, verdict: Verdict) -> None:
 
 
 def _model_info(model: Any, verdict: Verdict) -> ModelInfo | None:
-    from qcore.introspect import ModelInfo, inspect_model
+    from qcore.arch.introspect import ModelInfo, inspect_model
 
     if isinstance(model, ModelInfo):
         return model
@@ -422,7 +422,7 @@ def render_markdown(specs: list[MethodSpec] | None = None) -> str:
     out: list[str] = [
         "# Compatibility matrix",
         "",
-        f"Generated from the registered methods' capabilities and `qcore.archtable` by `{REGENERATE}`;",
+        f"Generated from the registered methods' capabilities and `qcore.arch.table` by `{REGENERATE}`;",
         "do not edit by hand (`tests/test_compat.py` fails when this file is stale). `qcore compat`",
         "prints the same tables for the methods installed; `qcore.check(model, method, **options)` applies",
         "them to one model, and `qcore.quantize` runs that check first.",
@@ -443,7 +443,7 @@ def render_markdown(specs: list[MethodSpec] | None = None) -> str:
 
     out += ["## Architectures", "",
             "`yes`: the method's `architectures` admit the family; every family is introspected by",
-            "`qcore.introspect` (tests build a tiny model of each from its config).", "",
+            "`qcore.arch.introspect` (tests build a tiny model of each from its config).", "",
             "| family (`model_type`) | " + " | ".join(f"`{s.name}`" for s in specs) + " | structure |",
             "|---|" + "---|" * len(specs) + "---|"]
     for fam in archtable.FAMILIES:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qcore.errors import CalibrationError
+from qcore.plugin.errors import CalibrationError
 
 if TYPE_CHECKING:
     from torch import Tensor

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qcore.errors import CalibrationError, CompatibilityError
+from qcore.plugin.errors import CalibrationError, CompatibilityError
 from qcore.progress import progress
 
 PROTOCOL = ("texts joined with '\\n\\n', tokenized once (tokenizer's own special tokens for one "

@@ -15,7 +15,7 @@ the byte size and sha256 of every weight file and the tied tensors that are stor
 
 :func:`load` builds the model from its config with parameters on the ``meta`` device (buffers
 are computed as usual, so non-persistent ones such as rotary ``inv_freq`` are exact), applies
-:func:`qcore.introspect.prepare_model`, swaps in empty ``QuantLinear`` modules, then assigns the
+:func:`qcore.arch.introspect.prepare_model`, swaps in empty ``QuantLinear`` modules, then assigns the
 tensors read from safetensors. No float weight is materialized.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcore.errors import CheckpointError
+from qcore.plugin.errors import CheckpointError
 from qcore.progress import get_logger
 
 log = get_logger("io")
@@ -450,7 +450,7 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype
     _check_files(root, files, ckpt.get("files", {}), verify)
 
     model = _build_empty(config_dict, root, dtype)
-    from qcore.introspect import prepare_model
+    from qcore.arch.introspect import prepare_model
 
     prepare_model(model)
     _swap_quant_modules(model, qconfig.get("modules", {}), root)

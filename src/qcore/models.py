@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcore.errors import CheckpointError
+from qcore.plugin.errors import CheckpointError
 from qcore.tiny import TINY_FAMILIES, tiny_model
 
 DEFAULT_MODEL = "smollm2-135m"

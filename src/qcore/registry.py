@@ -1,6 +1,6 @@
 """Plugin discovery (pluggy, entry-point group ``qcore``) and the method registry.
 
-Each entry point names a module that implements :mod:`qcore.hookspecs`. A plugin that fails to
+Each entry point names a module that implements :mod:`qcore.plugin.hookspecs`. A plugin that fails to
 import or register is recorded with its error; the others keep working. Set
 ``QCORE_DISABLE_PLUGINS=name1,name2`` to skip plugins by entry-point name.
 """
@@ -14,9 +14,9 @@ from typing import Any
 
 import pluggy
 
-from qcore import hookspecs
-from qcore.errors import PluginLoadError, UnknownMethodError
-from qcore.spec import MethodSpec
+from qcore.plugin import hookspecs
+from qcore.plugin.errors import PluginLoadError, UnknownMethodError
+from qcore.plugin.spec import MethodSpec
 
 ENTRY_POINT_GROUP = "qcore"
 DISABLE_ENV = "QCORE_DISABLE_PLUGINS"

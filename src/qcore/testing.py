@@ -88,7 +88,7 @@ class MethodConformance:
         assert cls.from_json_dict(data) == cfg
 
     def test_config_rejects_unknown_option(self) -> None:
-        from qcore.errors import ConfigError
+        from qcore.plugin.errors import ConfigError
 
         cls = self._spec().config_cls
         with pytest.raises(ConfigError, match="valid options"):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcore.errors import ArchitectureError
+from qcore.plugin.errors import ArchitectureError
 
 TINY_FAMILIES: tuple[str, ...] = (
     "llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "phi3", "gemma2", "gpt2", "opt", "bert",

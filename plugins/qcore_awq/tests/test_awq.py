@@ -10,7 +10,7 @@ import torch
 from qcore.testing import MethodConformance, requires_shared
 
 from qcore.quant.primitives import quantize_rtn
-from qcore.fold import fold_into_linear_rows, fold_into_norm, group_tie, scale_columns
+from qcore.arch.fold import fold_into_linear_rows, fold_into_norm, group_tie, scale_columns
 from qcore_awq.search import (
     activation_mean,
     alpha_grid,
@@ -179,7 +179,7 @@ class _Block:
 
 @pytest.mark.parametrize("family", FOLD_FAMILIES)
 def test_fold_random_scales_keeps_logits(family):
-    from qcore.introspect import inspect_model
+    from qcore.arch.introspect import inspect_model
     from qcore_awq.quantizer import AWQQuantizer
 
     from qcore_awq.config import AWQConfig
@@ -223,7 +223,7 @@ def _calib(model, n=4, t=32):
 @pytest.mark.parametrize("family", ["llama", "llama-mha", "qwen3", "qwen3_moe", "gpt2", "opt", "gemma2"])
 def test_searched_scales_fold_exactly(family):
     """The real search + fold (stopped before clipping/quantizing) leaves the logits unchanged."""
-    from qcore.engine import run_chain
+    from qcore.pipeline.engine import run_chain
     from qcore.registry import get_method
 
     model = _tiny(family)

@@ -182,7 +182,7 @@ def test_non_finite_hessian_falls_back_to_rtn() -> None:
 
 
 def test_bad_shapes_raise_clear_errors() -> None:
-    from qcore.errors import CalibrationError
+    from qcore.plugin.errors import CalibrationError
 
     w = _weight(16, 64)
     with pytest.raises(CalibrationError, match="expected"):
@@ -192,7 +192,7 @@ def test_bad_shapes_raise_clear_errors() -> None:
 
 
 def test_config_validation() -> None:
-    from qcore.errors import ConfigError
+    from qcore.plugin.errors import ConfigError
     from qcore_gptq.config import GPTQConfig
 
     cfg = GPTQConfig.from_options(bits=3, group_size=64, damp_percent=0.05)
@@ -245,7 +245,7 @@ def test_true_sequential_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """q/k/v, then o, then gate/up, then down; each subset collected after the previous one
     was quantized."""
     import qcore
-    from qcore.engine import BlockContext
+    from qcore.pipeline.engine import BlockContext
     from qcore.quant.linear import QuantLinear
     from qcore.tiny import tiny_model
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qcore.errors import ConfigError
+from qcore.plugin.errors import ConfigError
 from qcore.quant.primitives import QuantizedWeight, quantize_codes, quantize_rtn
 from qcore.testing import STORIES_DIR, TINYSTORIES_TXT, MethodConformance, requires_shared
 from qcore_hqq.hqq import hqq_solve, minmax_params, quantize_hqq, shrink_lp
@@ -160,7 +160,7 @@ def test_flat_groups_are_exact() -> None:
 
 
 def test_bad_group_size_names_the_sizes_that_work() -> None:
-    from qcore.errors import CompatibilityError
+    from qcore.plugin.errors import CompatibilityError
 
     with pytest.raises(CompatibilityError, match="use one of"):
         quantize_hqq(torch.randn(4, 96), 4, 64)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import qcore
-from qcore.errors import CheckpointError, ConfigError
+from qcore.plugin.errors import CheckpointError, ConfigError
 from qcore.testing import SHARED, STORIES_DIR, MethodConformance, requires_shared
 from qcore.tiny import ENCODER_FAMILIES, TINY_FAMILIES, tiny_model
 
@@ -54,7 +54,7 @@ def _ids(vocab: int, seed: int = 1) -> torch.Tensor:
 # -- quantize: every architecture ------------------------------------------------------------------
 @pytest.mark.parametrize("family", CAUSAL_FAMILIES)
 def test_every_block_linear_becomes_nf4_with_an_adapter(family: str) -> None:
-    from qcore.introspect import inspect_model
+    from qcore.arch.introspect import inspect_model
 
     bnb = _bnb()
     model = tiny_model(family)

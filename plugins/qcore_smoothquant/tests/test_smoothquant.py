@@ -114,7 +114,7 @@ def test_sample_rows():
 
 
 def test_config_validation():
-    from qcore.errors import ConfigError
+    from qcore.plugin.errors import ConfigError
     from qcore_smoothquant.config import SmoothQuantConfig
 
     for bad, text in [({"alpha": 1.5}, "alpha"), ({"a_bits": 5}, "a_bits"), ({"w_bits": 3}, "w_bits"),

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from qcore.config import WeightQuantConfig
-from qcore.hookspecs import hookimpl
-from qcore.spec import Capabilities, MethodSpec
+from qcore.plugin.config import WeightQuantConfig
+from qcore.plugin.hookspecs import hookimpl
+from qcore.plugin.spec import Capabilities, MethodSpec
 
 
 class RTNConfig(WeightQuantConfig):

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qcore.protocol import BaseQuantizer
+from qcore.plugin.protocol import BaseQuantizer
 
 if TYPE_CHECKING:
-    from qcore.engine import BlockContext
+    from qcore.pipeline.engine import BlockContext
 
 
 class RTNQuantizer(BaseQuantizer):

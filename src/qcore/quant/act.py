@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qcore.errors import ConfigError
+from qcore.plugin.errors import ConfigError
 
 ACT_BITS: tuple[int, ...] = (4, 6, 8)
 

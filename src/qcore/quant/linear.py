@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qcore.errors import CheckpointError, CompatibilityError
+from qcore.plugin.errors import CheckpointError, CompatibilityError
 from qcore.progress import get_logger
 from qcore.quant import kernels
 from qcore.quant.act import ActQuant, fake_quant_act, quantize_act_int8

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qcore.errors import CompatibilityError
+from qcore.plugin.errors import CompatibilityError
 
 PACK_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
 

@@ -5,7 +5,7 @@ Conventions (the contract every method shares, see ``docs/architecture.md``):
 * A weight is ``[out_features, in_features]``; groups run along the input dimension.
   ``group_size=-1`` means one group per output channel (``n_groups == 1``).
 * **Group sizes must divide** ``in_features``. Ragged last groups are *not* supported: a group
-  size that does not divide raises :class:`qcore.errors.CompatibilityError` naming the group
+  size that does not divide raises :class:`qcore.plugin.errors.CompatibilityError` naming the group
   sizes that work (``group_size_divisors``). One rule everywhere keeps the packed format, the
   kernels and the compatibility check simple.
 * Asymmetric (``sym=False``): the range is widened to include 0 (as GPTQ does), then
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qcore.errors import CompatibilityError
+from qcore.plugin.errors import CompatibilityError
 
 SUPPORTED_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
 """Bit widths the affine grid accepts (1 bit only asymmetric). Packing supports the same."""

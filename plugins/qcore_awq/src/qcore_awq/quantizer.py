@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from qcore.errors import CalibrationError
+from qcore.plugin.errors import CalibrationError
 from qcore.progress import get_logger
-from qcore.protocol import BaseQuantizer
-from qcore.fold import fold_scale_group, group_tie
+from qcore.plugin.protocol import BaseQuantizer
+from qcore.arch.fold import fold_scale_group, group_tie
 from qcore_awq.search import activation_mean, apply_clip, scaled_fake_quant, search_clip, search_scale, weight_mean
 
 if TYPE_CHECKING:
-    from qcore.engine import BlockContext
+    from qcore.pipeline.engine import BlockContext
     from qcore_awq.config import AWQConfig
 
 log = get_logger("qcore.awq")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import field_validator
 
-from qcore.config import WeightQuantConfig
+from qcore.plugin.config import WeightQuantConfig
 
 
 class GPTQConfig(WeightQuantConfig):

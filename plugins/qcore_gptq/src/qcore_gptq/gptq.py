@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from qcore.errors import CalibrationError
+from qcore.plugin.errors import CalibrationError
 from qcore.progress import get_logger
 from qcore.quant.primitives import QuantizedWeight, quant_params, quantize_rtn
 

@@ -6,12 +6,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from qcore.progress import get_logger
-from qcore.protocol import BaseQuantizer
+from qcore.plugin.protocol import BaseQuantizer
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from qcore.engine import BlockContext
+    from qcore.pipeline.engine import BlockContext
     from qcore_gptq.config import GPTQConfig
 
 log = get_logger("qcore_gptq")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import field_validator
 
-from qcore.config import WeightQuantConfig
+from qcore.plugin.config import WeightQuantConfig
 
 HQQ_BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
 AUTO_SCALE_MAX_BITS = 2

@@ -5,10 +5,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from qcore.progress import get_logger
-from qcore.protocol import BaseQuantizer
+from qcore.plugin.protocol import BaseQuantizer
 
 if TYPE_CHECKING:
-    from qcore.engine import BlockContext
+    from qcore.pipeline.engine import BlockContext
     from qcore_hqq.config import HQQConfig
 
 log = get_logger("qcore_hqq")

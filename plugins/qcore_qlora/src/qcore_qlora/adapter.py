@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from qcore.errors import CheckpointError
+from qcore.plugin.errors import CheckpointError
 
 from qcore_qlora.quantizer import ADAPTER_NAME, exact_targets
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qcore.errors import CalibrationError, CheckpointError, ConfigError
+from qcore.plugin.errors import CalibrationError, CheckpointError, ConfigError
 from qcore.progress import bar, get_logger
 
 from qcore_qlora.adapter import load_adapter, save_adapter
@@ -463,7 +463,7 @@ def _then(result: FinetuneResult, model: nn.Module, tokenizer: Any, then: str, t
                 tokenizer.save_pretrained(str(path))
         result.then_perplexity = result.merged_perplexity
     else:
-        from qcore.api import quantize
+        from qcore.pipeline.api import quantize
         from qcore.data import tokenize_text
 
         opts = dict(then_options)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from qcore.hookspecs import hookimpl
-from qcore.spec import Capabilities, MethodSpec
+from qcore.plugin.hookspecs import hookimpl
+from qcore.plugin.spec import Capabilities, MethodSpec
 
 from qcore_qlora.config import QLoRAConfig
 

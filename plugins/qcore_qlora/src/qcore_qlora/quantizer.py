@@ -1,6 +1,6 @@
 """QLoRA glue: block linears -> bitsandbytes ``Linear4bit``, then LoRA adapters through peft.
 
-Which linears are converted and adapted comes from :func:`qcore.introspect.inspect_model`
+Which linears are converted and adapted comes from :func:`qcore.arch.introspect.inspect_model`
 (roles such as ``q``, ``down``, ``expert.up``), never from hard-coded module names, so every
 architecture qcore introspects works. ``lm_head`` and everything outside the decoder blocks stay
 in float; MoE routers stay in float too.
@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from qcore.errors import CompatibilityError, ConfigError
+from qcore.plugin.errors import CompatibilityError, ConfigError
 from qcore.progress import get_logger
-from qcore.protocol import BaseQuantizer
+from qcore.plugin.protocol import BaseQuantizer
 
 from qcore_qlora.config import QLoRAConfig
 
 if TYPE_CHECKING:
-    from qcore.engine import RunContext
-    from qcore.introspect import ModelInfo
+    from qcore.pipeline.engine import RunContext
+    from qcore.arch.introspect import ModelInfo
 
 log = get_logger("qlora")
 
@@ -113,7 +113,7 @@ def quantize_base(model: nn.Module, config: QLoRAConfig, info: ModelInfo | None 
     import bitsandbytes as bnb
 
     if info is None:
-        from qcore.introspect import inspect_model
+        from qcore.arch.introspect import inspect_model
 
         info = inspect_model(model)
     dtype = DTYPES[config.compute_dtype]
@@ -148,7 +148,7 @@ def exact_targets() -> Iterator[None]:
 
     peft >= 0.18 maps transformers-4 expert names (``experts.0.gate_proj``) onto transformers 5's
     fused 3D expert parameters. qcore unfuses experts into exactly those per-expert ``nn.Linear``
-    modules (:func:`qcore.introspect.prepare_model`), so the names we pass are already right and the
+    modules (:func:`qcore.arch.introspect.prepare_model`), so the names we pass are already right and the
     rewrite would silently drop every expert adapter. A no-op for dense models.
     """
     try:
@@ -197,7 +197,7 @@ def prepare_qlora(model: nn.Module, config: QLoRAConfig, info: ModelInfo | None 
         raise CompatibilityError("this model already has LoRA adapters; start from the float model, "
                                  "or merge first with qcore_qlora.merge.merge_and_unload_to_float")
     if info is None:
-        from qcore.introspect import inspect_model
+        from qcore.arch.introspect import inspect_model
 
         info = inspect_model(model)
     targets = resolve_targets(info, config.targets, config.ignore)

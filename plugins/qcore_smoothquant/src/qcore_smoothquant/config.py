@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import field_validator, model_validator
 
-from qcore.config import QuantConfig
+from qcore.plugin.config import QuantConfig
 
 W_BITS: tuple[int, ...] = (4, 8)
 A_BITS: tuple[int, ...] = (4, 6, 8)

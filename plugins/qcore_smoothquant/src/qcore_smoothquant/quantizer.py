@@ -8,7 +8,7 @@ Per block:
    logged reason when it cannot be folded exactly (GELU between fc1 and fc2, fused producers,
    ...; GQA v->o is folded with scales tied across the query heads of each kv head); otherwise
    compute s with the fixed ``alpha`` or the best ``alpha_grid`` candidate (no smoothing
-   included) and fold it exactly with :func:`qcore.fold.fold_scale_group`;
+   included) and fold it exactly with :func:`qcore.arch.fold.fold_scale_group`;
 3. ask for activation quantization on every quantizable linear (``qcore_act``: an
    :class:`~qcore.quant.act.ActQuant`, dynamic per token, or static per tensor with the scale
    calibrated from the smoothed range), which ``block.quantize_linear`` carries into the
@@ -29,17 +29,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from qcore.engine import ACT_ATTR
-from qcore.errors import ConfigError
-from qcore.fold import fold_scale_group, group_tie
+from qcore.pipeline.engine import ACT_ATTR
+from qcore.plugin.errors import ConfigError
+from qcore.arch.fold import fold_scale_group, group_tie
 from qcore.progress import get_logger
-from qcore.protocol import BaseQuantizer
+from qcore.plugin.protocol import BaseQuantizer
 from qcore.quant.act import ActQuant
 from qcore.quant.primitives import quantize_rtn
 from qcore_smoothquant.smooth import sample_rows, search_alpha, smoothing_scales, static_act_scale, weight_absmax
 
 if TYPE_CHECKING:
-    from qcore.engine import BlockContext, RunContext
+    from qcore.pipeline.engine import BlockContext, RunContext
     from qcore_smoothquant.config import SmoothQuantConfig
 
 log = get_logger("qcore.smoothquant")

@@ -2,7 +2,7 @@
 
 A scale group's linears read one input X [tokens, in]; with per-channel factors s the block
 computes ``(X / s) @ (W * s).T == X @ W.T`` exactly (``/ s`` folded into the producer, ``* s``
-into the weights' input columns, see :mod:`qcore.fold`). Choosing
+into the weights' input columns, see :mod:`qcore.arch.fold`). Choosing
 
     s_j = max|X_j|^a / max_k max_i |W^(k)_ij|^(1-a)
 

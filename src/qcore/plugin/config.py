@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from qcore.errors import ConfigError
+from qcore.plugin.errors import ConfigError
 
 CONFIG_VERSION = 1
 

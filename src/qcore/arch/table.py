@@ -1,4 +1,4 @@
-"""The architecture data table used by :mod:`qcore.introspect` (no torch import).
+"""The architecture data table used by :mod:`qcore.arch.introspect` (no torch import).
 
 Introspection is generic: it walks the module tree. This table only names things the tree
 cannot say by itself: which leaf names mean which role, which norm feeds which group of linears,

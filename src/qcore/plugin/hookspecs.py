@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from qcore.spec import MethodSpec
+    from qcore.plugin.spec import MethodSpec
 
 PROJECT = "qcore"
 hookspec = pluggy.HookspecMarker(PROJECT)

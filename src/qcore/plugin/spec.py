@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from qcore.config import QuantConfig
+    from qcore.plugin.config import QuantConfig
 
 Kind = Literal["weight-only", "transform", "reconstruction", "adapter"]
 KINDS: tuple[str, ...] = ("weight-only", "transform", "reconstruction", "adapter")
@@ -38,7 +38,7 @@ class Capabilities:
 class MethodSpec:
     """One quantization method.
 
-    quantizer: "module:attr" of a class implementing :class:`qcore.protocol.Quantizer`,
+    quantizer: "module:attr" of a class implementing :class:`qcore.plugin.protocol.Quantizer`,
     imported only when the method runs (it may import torch); or the class itself.
     """
 

@@ -138,7 +138,7 @@ def fold_norm(norm: nn.Module, s: Tensor, offset: float | None = None) -> str | 
 
 def fold_scale_group(root: nn.Module, group: Any, s: Tensor, linear: Callable[[str], nn.Module]) -> str | None:
     """Divide ``group``'s producer (``group.prev`` under ``root``) by ``s`` and scale its linears'
-    input columns by ``s``, exactly. ``group`` is a :class:`qcore.introspect.ScaleGroup`;
+    input columns by ``s``, exactly. ``group`` is a :class:`qcore.arch.introspect.ScaleGroup`;
     ``linear(name)`` returns the block's linear of that name. Returns None, or why the group could
     not be folded (then nothing was changed). Under GQA (``group.repeat`` > 1) ``s`` must be tied
     (see :func:`tie_channels`)."""
@@ -149,7 +149,7 @@ def fold_scale_group(root: nn.Module, group: Any, s: Tensor, linear: Callable[[s
     s_prev = producer_scales(s, repeat, getattr(group, "head_dim", 0))
     if s_prev is None:
         return (f"the scales differ across the {repeat} query heads that share each kv head; "
-                "tie them with qcore.fold.group_tie before folding")
+                "tie them with qcore.arch.fold.group_tie before folding")
     with torch.no_grad():
         if group.prev_kind == "norm":
             why = fold_norm(prev, s_prev, getattr(group, "norm_offset", None))

@@ -1,6 +1,6 @@
 """The Quantizer protocol: how the core drives one method over a model.
 
-The engine (:mod:`qcore.engine`) runs a chain of quantizers in ONE pass over the model:
+The engine (:mod:`qcore.pipeline.engine`) runs a chain of quantizers in ONE pass over the model:
 
 1. ``prepare(run)`` for each quantizer, in chain order (whole-model changes before
    calibration: rotations, adapter injection, unfusing);
@@ -19,9 +19,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from qcore.config import QuantConfig
-    from qcore.engine import BlockContext, RunContext
-    from qcore.spec import MethodSpec
+    from qcore.plugin.config import QuantConfig
+    from qcore.pipeline.engine import BlockContext, RunContext
+    from qcore.plugin.spec import MethodSpec
 
 
 @runtime_checkable

@@ -1,6 +1,6 @@
 """Generic architecture introspection: blocks, linears, roles, scale groups, MoE.
 
-Everything is found by walking the module tree; :mod:`qcore.archtable` only supplies names
+Everything is found by walking the module tree; :mod:`qcore.arch.table` only supplies names
 (patterns and overrides). :func:`prepare_model` first rewrites the two layouts that hide linear
 layers: GPT-2's ``Conv1D`` (becomes ``nn.Linear``) and transformers 5's fused MoE experts (3D
 parameters, become one ``nn.Linear`` per expert and projection). Both rewrites are exact.
@@ -17,7 +17,7 @@ Decisions (documented in docs/architecture.md terms):
   v -> o under grouped-query attention when the head width is unknown (o reads each v channel
   once per query head of its kv group; with the head width known the group is scalable with
   ``repeat`` > 1 and its scales must be tied across the repeat, see
-  :func:`qcore.fold.tie_channels`), a ``prev`` that is a
+  :func:`qcore.arch.fold.tie_channels`), a ``prev`` that is a
   fused projection (qkv, gate_up), fc1 -> fc2 through an activation that is not positively
   homogeneous (GELU), and every norm -> linear group of a post-norm model (the norm's output also
   feeds the residual stream). fc1 -> fc2 through ReLU is exact for positive scales only.
@@ -34,8 +34,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from qcore import archtable as T
-from qcore.errors import ArchitectureError
+from qcore.arch import table as T
+from qcore.plugin.errors import ArchitectureError
 from qcore.progress import get_logger
 
 log = get_logger("introspect")
@@ -72,7 +72,7 @@ class ScaleGroup:
     repeat: int = 1
     """> 1 under grouped-query attention (v -> o): the group reads ``prev``'s output with each
     run of ``head_dim`` channels repeated ``repeat`` times in a row (one per query head sharing
-    that kv head), so its scales must be equal across the repeat (``qcore.fold.tie_channels``)."""
+    that kv head), so its scales must be equal across the repeat (``qcore.arch.fold.tie_channels``)."""
     head_dim: int = 0
     """Width of one head when ``repeat`` > 1."""
 
@@ -353,7 +353,7 @@ def find_blocks(model: nn.Module, family: str = "") -> tuple[str, nn.ModuleList]
             blocks = model.get_submodule(override)
         except AttributeError:
             raise ArchitectureError(
-                f"archtable.BLOCK_PATH_OVERRIDES names '{override}' for '{family}', but "
+                f"qcore.arch.table.BLOCK_PATH_OVERRIDES names '{override}' for '{family}', but "
                 f"{type(model).__name__} has no such module; fix the table entry"
             ) from None
         return override, blocks  # type: ignore[return-value]
@@ -368,7 +368,7 @@ def find_blocks(model: nn.Module, family: str = "") -> tuple[str, nn.ModuleList]
         raise ArchitectureError(
             f"no block list found in {type(model).__name__} (model_type '{family or '?'}'): qcore "
             "looks for an nn.ModuleList of identical blocks that contain linear layers. Pass a "
-            "transformers model, or add its block path to qcore.archtable.BLOCK_PATH_OVERRIDES"
+            "transformers model, or add its block path to qcore.arch.table.BLOCK_PATH_OVERRIDES"
         )
     best = max(len(m) for _, m in outer)
     return next((n, m) for n, m in outer if len(m) == best)
@@ -507,7 +507,7 @@ def _norm_group(norm_name: str | None, norms: dict[str, nn.Module], linears: lis
                           "residual stream, so a scale folded into it changes the block output")
     if norm_name is None:
         return ScaleGroup(None, None, linears, role, False,
-                          f"no norm found feeding {what} (add its name to archtable)")
+                          f"no norm found feeding {what} (add its name to qcore.arch.table)")
     norm = norms[norm_name]
     if not isinstance(getattr(norm, "weight", None), Tensor):
         return ScaleGroup(norm_name, "norm", linears, role, False,
@@ -696,7 +696,7 @@ def fold_scales(block: nn.Module, group: ScaleGroup, scales: Tensor) -> None:
             f"scale group {group.role} ({', '.join(group.linears)}) cannot be folded exactly: "
             f"{group.reason}; skip this group"
         )
-    from qcore.fold import fold_scale_group
+    from qcore.arch.fold import fold_scale_group
 
     why = fold_scale_group(block, group, scales.detach().to(torch.float32).flatten(), block.get_submodule)
     if why is not None:

@@ -1,6 +1,6 @@
 """The block-by-block calibration engine: one pass over the model for a whole chain of methods.
 
-:func:`run_chain` does, in order (see :mod:`qcore.protocol`):
+:func:`run_chain` does, in order (see :mod:`qcore.plugin.protocol`):
 
 1. ``prepare(run)`` of each quantizer in chain order;
 2. with calibration data, ONE cheap capture pass: every decoder block's ``forward`` is swapped
@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from qcore.errors import ArchitectureError, CalibrationError
+from qcore.plugin.errors import ArchitectureError, CalibrationError
 from qcore.progress import bar, get_logger
 
 if TYPE_CHECKING:
     from qcore.data import CalibrationData
-    from qcore.introspect import BlockInfo, ModelInfo
-    from qcore.protocol import Quantizer
+    from qcore.arch.introspect import BlockInfo, ModelInfo
+    from qcore.plugin.protocol import Quantizer
     from qcore.quant.linear import QuantLinear
     from qcore.quant.primitives import QuantizedWeight
 
@@ -475,7 +475,7 @@ def run_chain(model: nn.Module, quantizers: Sequence[Quantizer], calibration: Ca
     the model stays where it is otherwise. ``batch_size``: calibration windows per forward.
     The quantization record is kept in ``model.qcore_record`` (returned as ``run.record``).
     """
-    from qcore.introspect import inspect_model
+    from qcore.arch.introspect import inspect_model
 
     if propagate not in PROPAGATE:
         raise ValueError(f"propagate must be one of {', '.join(PROPAGATE)}, got '{propagate}'")

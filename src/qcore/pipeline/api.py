@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from qcore.config import QuantConfig
-from qcore.errors import CalibrationError, CompatibilityError, ConfigError
+from qcore.plugin.config import QuantConfig
+from qcore.plugin.errors import CalibrationError, CompatibilityError, ConfigError
 from qcore.progress import get_logger
 from qcore.registry import get_method
-from qcore.spec import MethodSpec
+from qcore.plugin.spec import MethodSpec
 
 log = get_logger("api")
 
@@ -57,7 +57,7 @@ def quantize(
         calib = _calibration(model, calibration, tokenizer, n_samples, seq_len, seed, names)
 
     quantizers = [spec.load_quantizer()(cfg, spec) for spec, cfg in zip(specs, configs)]
-    from qcore.engine import run_chain
+    from qcore.pipeline.engine import run_chain
 
     start = time.perf_counter()
     run = run_chain(model, quantizers, calibration=calib, propagate=propagate, device=device)
