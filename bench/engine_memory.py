@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 from qcore.data import CalibrationData
 from qcore.pipeline.engine import BlockContext, run_chain
 from qcore.eval import format_table
-from qcore.plugin.protocol import BaseQuantizer
+from qcore.plugin import BaseQuantizer, Capabilities, MethodSpec, QuantConfig
 from qcore.tiny import tiny_model
 
 MB = 2**20
@@ -91,14 +91,14 @@ def live_nonweight_bytes(model: nn.Module) -> int:
 
 class HessianProbe(BaseQuantizer):
     def __init__(self, model: nn.Module) -> None:
-        self.config = None
-        self.spec = None
+        super().__init__(QuantConfig(), MethodSpec("hessian-probe", "collects Hessians", QuantConfig, "none:none",
+                                                   Capabilities(kind="transform")))
         self.model = model
         self.live: list[int] = []
 
     def process_block(self, block: BlockContext) -> None:
         self.live.append(live_nonweight_bytes(self.model))
-        block.collect(block.quantizable(), "hessian")
+        block.observe(block.quantizable(), "hessian")
 
 
 def measure(depth: int, n: int, seq: int, hidden: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from qcore.eval import format_table  # noqa: E402
 from qcore.quant.act import ActQuant  # noqa: E402
+from qcore.quant.backends.int4_cuda import INT4_CUDA_MAX_ROWS  # noqa: E402
 from qcore.quant.linear import QuantLinear  # noqa: E402
 from qcore.quant.primitives import quantize_rtn  # noqa: E402
 
@@ -87,7 +88,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s "
           f"(read+write); median of {args.iters} calls; ratios are speedups over fp16 dense. tinygemm and "
           "_int_mm: the raw kernels; the other columns: QuantLinear.forward with that backend "
-          "(int4_cuda: tinygemm up to kernels.INT4_CUDA_MAX_ROWS rows, per-call dequantize above)")
+          f"(int4_cuda: tinygemm up to {INT4_CUDA_MAX_ROWS} rows, per-call dequantize above)")
     print(format_table(rows))
 
 

@@ -107,8 +107,9 @@ def speed_main(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from qcore.quant import kernels
     from qcore.quant.act import ActQuant, quantize_act_int8
+    from qcore.quant.backends.int8_cpu import build_int8
+    from qcore.quant.backends.w8a8 import w8a8_mm
     from qcore.quant.linear import QuantLinear
     from qcore.quant.primitives import quantize_rtn
 
@@ -118,7 +119,7 @@ def speed_main(args: argparse.Namespace) -> None:
     w = torch.randn(n, k) / k**0.5
     wb = w.bfloat16()
     ql = QuantLinear.from_quantized(quantize_rtn(w, 8, -1, True), None, act=ActQuant(8, dynamic=True))
-    pack = kernels.build_int8(ql.codes(), ql.scales, ql.qzeros)
+    pack = build_int8(ql.codes(), ql.scales, ql.qzeros)
     warnings.filterwarnings("ignore")
     packed = None
     try:  # fbgemm dynamic int8 linear (per-TENSOR dynamic activations): for comparison only
@@ -136,7 +137,7 @@ def speed_main(args: argparse.Namespace) -> None:
             "fp32": lambda: F.linear(x, w),
             "bf16": lambda: F.linear(xb, wb),
             "w8a8 QuantLinear": lambda: ql(x),
-            "int8 kernel only": lambda: kernels.w8a8_mm(xq, sx, pack, torch.float32),
+            "int8 kernel only": lambda: w8a8_mm(xq, sx, pack, torch.float32),
             "torch._int_mm only": lambda: torch._int_mm(xq, pack.weight.t()),
         }
         if packed is not None:

@@ -97,7 +97,7 @@ def test_main_job_on_real_model(tmp_path) -> None:
     r = json.loads(report.read_text())
     f, q = r["float"]["perplexity"], r["quantized"]["perplexity"]
     assert 1.0 < f < 10.0 and f < q < 2 * f  # 4-bit RTN is worse than float, not broken
-    from qcore.io import describe_checkpoint
+    from qcore.checkpoint import describe_checkpoint
 
     on_disk = describe_checkpoint(out)
     assert on_disk["quantized_bytes"] < 0.30 * on_disk["quantized_fp16_bytes"]

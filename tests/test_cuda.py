@@ -95,6 +95,21 @@ def test_w8a8_uses_int_mm_on_cuda(rows: int) -> None:
     assert rel(y, on_cpu) < BACKEND_RTOL
 
 
+@pytest.mark.parametrize("bits,gs,sym,act,expected", [(4, 64, False, None, "int4_cuda"),
+                                                      (8, -1, True, ActQuant(bits=8), "w8a8")])
+def test_input_transform_on_cuda(bits: int, gs: int, sym: bool, act: ActQuant | None, expected: str) -> None:
+    q, _ = torch.linalg.qr(torch.randn(256, 256, generator=torch.Generator().manual_seed(3)))
+    rot = nn.Linear(256, 256, bias=False).requires_grad_(False)
+    rot.weight.copy_(q)
+    mod = make(bits, gs, sym, act=act)
+    mod.input_transform = rot
+    x = torch.randn(5, 256)
+    ref = cpu_reference(mod, x)  # the transform travels with the copy
+    mod.cuda()
+    assert mod.select_backend() == expected
+    assert rel(mod(x.cuda()), ref) < BACKEND_RTOL
+
+
 def test_gradient_through_the_cuda_kernel() -> None:
     mod = make(4, 64, False).cuda()
     x = torch.randn(4, 256, device="cuda", requires_grad=True)

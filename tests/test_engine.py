@@ -1,7 +1,6 @@
 """qcore.pipeline.engine: input capture for every tiny architecture, propagation, statistics, surgery."""
 from __future__ import annotations
 
-import copy
 import gc
 from typing import Any
 
@@ -11,8 +10,15 @@ from torch import nn
 
 from qcore.data import CalibrationData
 from qcore.pipeline.engine import BlockContext, RunContext, run_chain
-from qcore.plugin.errors import CalibrationError
-from qcore.plugin.protocol import BaseQuantizer
+from qcore.plugin import (
+    BaseQuantizer,
+    CalibrationError,
+    Capabilities,
+    ConfigError,
+    MethodSpec,
+    Needs,
+    QuantConfig,
+)
 from qcore.tiny import TINY_FAMILIES, tiny_model
 
 SEQ = 80  # longer than the sliding window (64) of the tiny mistral and gemma2
@@ -31,17 +37,29 @@ def reference_hidden(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     return list(out.hidden_states)
 
 
-class Recorder(BaseQuantizer):
+def make_spec(name: str = "probe", kind: str = "transform", **caps: Any) -> MethodSpec:
+    return MethodSpec(name=name, summary=name, config_cls=QuantConfig, quantizer="none:none",
+                      capabilities=Capabilities(kind=kind, **caps))  # type: ignore[arg-type]
+
+
+class Probe(BaseQuantizer):
+    """A test quantizer with a real spec and an empty config."""
+
+    def __init__(self, name: str = "probe", kind: str = "transform", config: QuantConfig | None = None) -> None:
+        super().__init__(config or QuantConfig(), make_spec(name, kind))
+
+
+class Recorder(Probe):
     """Records the hidden inputs each block is handed, then perturbs the block's weights."""
 
-    needs_float_outputs = True
-
     def __init__(self, perturb: float = 0.0) -> None:
-        self.config = None
-        self.spec = None
+        super().__init__("recorder")
         self.perturb = perturb
         self.seen: list[tuple[str, list[torch.Tensor] | None]] = []
         self.float_ok: list[bool] = []
+
+    def needs(self) -> Needs:
+        return Needs(float_outputs=True)
 
     def process_block(self, block: BlockContext) -> None:
         hidden = [h.clone() for h in block.hidden_inputs()] if block.inputs is not None else None
@@ -95,10 +113,9 @@ def test_calibration_free_chain_sees_every_block() -> None:
     assert all(h is None for _, h in rec.seen)
 
 
-class Stats(BaseQuantizer):
+class Stats(Probe):
     def __init__(self) -> None:
-        self.config = None
-        self.spec = None
+        super().__init__("stats")
         self.out: dict[str, Any] = {}
 
     def process_block(self, block: BlockContext) -> None:
@@ -106,7 +123,7 @@ class Stats(BaseQuantizer):
             names = block.quantizable()
             self.names = names
             for stat in ("hessian", "inputs", "absmax", "absmean"):
-                self.out[stat] = block.collect(names, stat)
+                self.out[stat] = block.observe(names, stat)
 
 
 def test_collect_statistics_consistent() -> None:
@@ -132,18 +149,17 @@ def test_collect_statistics_consistent() -> None:
     assert st.out["hessian"][dense[0]]["nsamples"] == 4 * 16  # every token reaches attention
 
 
-class EarlyStop(BaseQuantizer):
+class EarlyStop(Probe):
     """Collects each true-sequential subset with and without cutting the forward short."""
 
     def __init__(self) -> None:
-        self.config = None
-        self.spec = None
+        super().__init__("early")
         self.pairs: list[tuple[dict, dict]] = []
 
     def process_block(self, block: BlockContext) -> None:
         for subset in block.info.sequential:
-            self.pairs.append((block.collect(subset, "hessian", stop_early=True),
-                               block.collect(subset, "hessian", stop_early=False)))
+            self.pairs.append((block.observe(subset, "hessian", stop_early=True),
+                               block.observe(subset, "hessian", stop_early=False)))
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -159,12 +175,14 @@ def test_collect_stop_early_gives_the_same_statistics(family: str) -> None:
             torch.testing.assert_close(early[name]["hessian"], full[name]["hessian"], rtol=0, atol=0)
 
 
-class FloatReader(BaseQuantizer):
+class FloatReader(Probe):
     def __init__(self, flag: bool) -> None:
-        self.config = None
-        self.spec = None
-        self.needs_float_outputs = flag
+        super().__init__("reader")
+        self.flag = flag
         self.ok: list[bool] = []
+
+    def needs(self) -> Needs:
+        return Needs(float_outputs=self.flag)
 
     def process_block(self, block: BlockContext) -> None:
         before = block.float_outputs
@@ -179,7 +197,7 @@ def test_float_outputs_only_on_request() -> None:
     reader = FloatReader(flag=True)
     run_chain(model, [reader], calib(model), batch_size=2)
     assert reader.ok == [True, True]
-    with pytest.raises(CalibrationError, match="needs_float_outputs"):
+    with pytest.raises(CalibrationError, match="float_outputs=True"):
         run_chain(tiny_model("llama", num_hidden_layers=2), [FloatReader(flag=False)], calib(model))
 
 
@@ -194,12 +212,11 @@ def test_expert_stats_use_routed_tokens_only() -> None:
     assert sum(counts) == 2 * 2 * 4 * 16
 
 
-class RTN(BaseQuantizer):
+class RTN(Probe):
     def __init__(self, ignore: list[str] | None = None) -> None:
-        from qcore.plugin.config import WeightQuantConfig
+        from qcore.plugin import WeightQuantConfig
 
-        self.config = WeightQuantConfig(bits=4, group_size=32, ignore=ignore or [])
-        self.spec = None
+        super().__init__("rtn-probe", "weight-only", WeightQuantConfig(bits=4, group_size=32, ignore=ignore or []))
 
     def process_block(self, block: BlockContext) -> None:
         from qcore.quant.primitives import quantize_rtn
@@ -245,8 +262,7 @@ def test_quantize_linear_replaces_and_records() -> None:
     with torch.no_grad():
         before = model(input_ids=ids).logits
     act = ActQuant(8, True, True)
-    model.model.layers[0].self_attn.q_proj.qcore_act = act  # as a transform method would set it
-    run = run_chain(model, [RTN(ignore=["model.layers.1.mlp.*"])], None)
+    run = run_chain(model, [ActRequest({"self_attn.q_proj": act}), RTN(ignore=["model.layers.1.mlp.*"])], None)
     assert isinstance(run, RunContext)
     mods = model.qcore_record["modules"]
     assert "model.layers.0.self_attn.q_proj" in mods and "model.layers.1.self_attn.o_proj" in mods
@@ -264,18 +280,44 @@ def test_quantize_linear_replaces_and_records() -> None:
     assert (after - before).abs().mean() < 0.1 * before.abs().mean()  # 4 bits: close to float
 
 
+class ActRequest(Probe):
+    """A transform asking for activation quantization on some linears of block 0."""
+
+    def __init__(self, acts: dict[str, Any]) -> None:
+        super().__init__("act-request")
+        self.acts = acts
+
+    def process_block(self, block: BlockContext) -> None:
+        if block.index == 0:
+            for name, act in self.acts.items():
+                block.request_activation_quant(name, act)
+
+
 def test_needs_calibration_error_and_bad_propagate() -> None:
-    from qcore.plugin.spec import Capabilities
-
-    class Spec:
-        name = "needy"
-        capabilities = Capabilities(kind="weight-only", needs_calibration=True)
-
-    q = BaseQuantizer(None, Spec())  # type: ignore[arg-type]
+    q = BaseQuantizer(QuantConfig(), make_spec("needy", "weight-only", needs_calibration=True))
     with pytest.raises(CalibrationError, match="needy"):
         run_chain(tiny_model("llama"), [q], None)
     with pytest.raises(ValueError, match="propagate"):
-        run_chain(tiny_model("llama"), [], None, propagate="sideways")
+        run_chain(tiny_model("llama"), [], None, propagate="sideways")  # type: ignore[arg-type]
+
+
+class Wants(Probe):
+    def __init__(self, name: str, needs: Needs) -> None:
+        super().__init__(name)
+        self._needs = needs
+
+    def needs(self) -> Needs:
+        return self._needs
+
+
+def test_conflicting_propagation_is_refused_before_any_work() -> None:
+    model = tiny_model("llama")
+    a, b = Wants("a", Needs(propagation="float")), Wants("b", Needs(propagation="quantized"))
+    with pytest.raises(ConfigError, match="conflicting propagation"):
+        run_chain(model, [a, b], calib(model))
+    with pytest.raises(ConfigError, match="conflicting propagation"):
+        run_chain(model, [a], calib(model), propagate="quantized")
+    assert not hasattr(model, "qcore_record")
 
 
 def live_activation_bytes(model: nn.Module) -> int:
@@ -294,10 +336,9 @@ def live_activation_bytes(model: nn.Module) -> int:
     return total
 
 
-class MemoryProbe(BaseQuantizer):
+class MemoryProbe(Probe):
     def __init__(self, model: nn.Module) -> None:
-        self.config = None
-        self.spec = None
+        super().__init__("memory")
         self.model = model
         self.live: list[int] = []
 
@@ -318,3 +359,66 @@ def test_live_activations_do_not_grow_with_depth() -> None:
     one_set = 8 * 64 * 64 * 4  # one block's hidden states, float32
     assert peaks[2] > one_set  # the block inputs are alive (the probe sees something)
     assert abs(peaks[6] - peaks[2]) < one_set, peaks
+
+
+class GradReader(Probe):
+    """Reads the gradient pass's results and an output observer at block 0."""
+
+    def __init__(self) -> None:
+        super().__init__("grad-reader")
+        self.grads: list[torch.Tensor] = []
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.out_absmax: dict[str, torch.Tensor] = {}
+
+    def needs(self) -> Needs:
+        return Needs(gradients=True, gradient_observers=("fisher",))
+
+    def process_block(self, block: BlockContext) -> None:
+        if block.index == 0:
+            self.grads = block.output_gradients()
+            self.fisher = block.observe(["mlp.down_proj"], "fisher")
+            self.out_absmax = block.observe(["mlp.down_proj"], "out_absmax")
+
+
+def test_gradient_pass_and_gradient_and_output_observers() -> None:
+    model = tiny_model("llama")
+    cal = calib(model, n=2, seq=12)
+    # reference: one backward of the LM loss per window, with the block output and down_proj I/O kept
+    kept: dict[str, Any] = {}
+    block0 = model.model.layers[0]
+    down = block0.mlp.down_proj
+    h1 = block0.register_forward_hook(lambda m, a, out: kept.__setitem__("h", (out[0] if isinstance(out, tuple) else out)))
+    h2 = down.register_forward_hook(lambda m, a, out: kept.update(x=a[0], y=out))
+    ref_grad, fisher, y_max = [], torch.zeros_like(down.weight), torch.zeros(down.out_features)
+    for row in cal.input_ids:
+        ids = row[None]
+        kept.clear()
+        out = model(input_ids=ids, labels=ids)
+        for t in (kept["h"], kept["y"]):
+            t.retain_grad()
+        out.loss.backward()
+        ref_grad.append(kept["h"].grad.detach().clone())
+        g = kept["y"].grad[0].detach()
+        x = kept["x"][0].detach()
+        fisher += (g.t() @ x) ** 2
+        y_max = torch.maximum(y_max, kept["y"][0].detach().abs().amax(0))
+        model.zero_grad(set_to_none=True)
+    h1.remove()
+    h2.remove()
+    reader = GradReader()
+    run_chain(model, [reader], cal, batch_size=2)  # both windows in one batch: still per-window sums
+    got = torch.cat([g.float() for g in reader.grads])
+    torch.testing.assert_close(got, torch.cat(ref_grad), rtol=2e-2, atol=1e-6)  # stored in bfloat16
+    torch.testing.assert_close(reader.fisher["mlp.down_proj"], fisher, rtol=1e-3, atol=1e-12)
+    torch.testing.assert_close(reader.out_absmax["mlp.down_proj"], y_max, rtol=1e-5, atol=1e-6)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_gradient_observer_must_be_declared() -> None:
+    class Undeclared(Probe):
+        def process_block(self, block: BlockContext) -> None:
+            block.observe(["mlp.down_proj"], "fisher")
+
+    model = tiny_model("llama")
+    with pytest.raises(CalibrationError, match="gradient_observers"):
+        run_chain(model, [Undeclared()], calib(model, n=1, seq=8))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qcore.checkpoint import write_json
 from qcore.eval import (
     PerplexityResult,
     format_table,
@@ -17,7 +18,6 @@ from qcore.eval import (
     perplexity,
     window_nll,
     windows,
-    write_json,
 )
 from qcore.plugin.errors import CalibrationError, CompatibilityError
 from qcore.testing import STORIES_DIR, TINYSTORIES_TXT, requires_shared
@@ -82,7 +82,7 @@ def test_format_table_and_json(tmp_path: Path) -> None:
     assert len(lines) == 4 and "6.271" in lines[2] and "0.0123" in lines[3]
     assert lines[1].startswith("|---") and lines[1].rstrip("|").endswith(":")  # numbers right-aligned
     assert format_table([]) == ""
-    out = write_json({"rows": rows}, tmp_path / "sub" / "r.json")
+    out = write_json(tmp_path / "sub" / "r.json", {"rows": rows})
     assert json.loads(out.read_text())["rows"][1]["kl"] == 0.0123
 
 

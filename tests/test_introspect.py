@@ -11,13 +11,8 @@ from torch import nn
 
 from qcore.plugin.errors import ArchitectureError
 from qcore.arch.fold import group_tie
-from qcore.arch.introspect import (
-    ScaleGroup,
-    UnfusedExperts,
-    fold_scales,
-    inspect_model,
-    prepare_model,
-)
+from qcore.arch.introspect import ScaleGroup, fold_scales, inspect_model
+from qcore.arch.surgery import UnfusedExperts, prepare_model
 from qcore.testing import STORIES_DIR, requires_shared
 from qcore.tiny import TINY_FAMILIES, tiny_inputs, tiny_model
 

@@ -9,7 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcore.quant import kernels, native
+from qcore.quant import native
+from qcore.quant.backends import int4_native
+from qcore.quant.backends.int4_cpu import has_int4_cpu
 from qcore.quant.linear import BACKEND_RTOL, QuantLinear
 from qcore.quant.packing import unpack_codes
 from qcore.quant.primitives import QuantizedWeight, dequantize_codes, quant_params, quantize_codes, quantize_rtn
@@ -47,17 +49,17 @@ def test_layout_is_the_documented_one() -> None:
 
 
 def test_shape_reasons() -> None:
-    assert kernels.int4_native_shape_reason(256, 4, 128, None) is None
-    assert kernels.int4_native_shape_reason(576, 4, 64, None) is None  # any out_features (padded to 64 rows inside)
-    assert "multiple of 32" in (kernels.int4_native_shape_reason(200, 4, 40, None) or "")
-    assert "multiple of 32" in (kernels.int4_native_shape_reason(256, 4, 16, None) or "")
-    assert "5-bit" in (kernels.int4_native_shape_reason(256, 5, 128, None) or "")
+    assert int4_native.int4_native_shape_reason(256, 4, 128, None) is None
+    assert int4_native.int4_native_shape_reason(576, 4, 64, None) is None  # any out_features (padded to 64 rows inside)
+    assert "multiple of 32" in (int4_native.int4_native_shape_reason(200, 4, 40, None) or "")
+    assert "multiple of 32" in (int4_native.int4_native_shape_reason(256, 4, 16, None) or "")
+    assert "5-bit" in (int4_native.int4_native_shape_reason(256, 5, 128, None) or "")
 
 
 @needs_kernel
 @pytest.mark.parametrize("bits,gs,sym", [(4, 64, False), (4, 32, True), (4, 192, False), (4, 288, False),
                                          (4, -1, False), (3, 64, False), (2, 32, True)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 9, kernels.NATIVE_KERNEL_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, int4_native.NATIVE_KERNEL_MAX_ROWS + 1])
 def test_kernel_matches_float64(bits: int, gs: int, sym: bool, rows: int) -> None:
     """Exact up to fp32 accumulation against the float64 product of the SAME bf16 activations,
     and within the backends' tolerance of the fp32 product."""
@@ -65,12 +67,12 @@ def test_kernel_matches_float64(bits: int, gs: int, sym: bool, rows: int) -> Non
     n, k = 100, 576  # 100 rows: a padded supertile
     qw = quantize_rtn(torch.randn(n, k, generator=g), bits, gs, sym)
     s, z = qw.scales.bfloat16(), qw.zeros.bfloat16()
-    pack = kernels.build_int4_native(qw.codes, s, z, gs)
+    pack = int4_native.build_int4_native(qw.codes, s, z, gs)
     w_hat = dequantize_codes(qw.codes, s.float(), z.float(), gs)
     x = torch.randn(rows, k, generator=g)
-    y = kernels.int4_native_mm(x, pack)
+    y = int4_native.int4_native_mm(x, pack)
     assert y.shape == (rows, n) and y.dtype == torch.float32
-    if rows <= kernels.NATIVE_KERNEL_MAX_ROWS:
+    if rows <= int4_native.NATIVE_KERNEL_MAX_ROWS:
         assert rel(y, x.bfloat16().double() @ w_hat.double().t()) < 1e-4
     else:  # dequantize + bf16 matmul: the bf16 weight is exact, the matmul is bf16
         assert torch.equal(native.q4_dequant_bf16(pack.words, pack.scales, pack.zeros, pack.group, n, k),
@@ -85,22 +87,42 @@ def test_kernel_uses_zeros_and_scales() -> None:
     s, z = qw.scales.bfloat16(), qw.zeros.bfloat16()
     x = torch.randn(1, 256)
     ref = x @ qw.dequantize().t()
-    good = kernels.build_int4_native(qw.codes, s, z, 64)
-    assert rel(kernels.int4_native_mm(x, good), ref) < BACKEND_RTOL
-    for bad in (kernels.build_int4_native(qw.codes, s, torch.zeros_like(z), 64),
-                kernels.build_int4_native(qw.codes, s.flip(1).contiguous(), z, 64)):
-        assert rel(kernels.int4_native_mm(x, bad), ref) > 0.1
+    good = int4_native.build_int4_native(qw.codes, s, z, 64)
+    assert rel(int4_native.int4_native_mm(x, good), ref) < BACKEND_RTOL
+    for bad in (int4_native.build_int4_native(qw.codes, s, torch.zeros_like(z), 64),
+                int4_native.build_int4_native(qw.codes, s.flip(1).contiguous(), z, 64)):
+        assert rel(int4_native.int4_native_mm(x, bad), ref) > 0.1
 
 
-@needs_kernel
-def test_quantlinear_native_act_order_and_release() -> None:
+def act_order_weight(n: int = 64, k: int = 256, gs: int = 64) -> QuantizedWeight:
     torch.manual_seed(5)
-    n, k, gs = 64, 256, 64
     w = torch.randn(n, k)
     g_idx = (torch.argsort(torch.randperm(k)) // gs).to(torch.int32)
     cols = torch.argsort(g_idx.long(), stable=True)
     s, z = quant_params(w[:, cols], 4, gs, False)
-    qw = QuantizedWeight(quantize_codes(w, s, z, 4, gs, g_idx), s, z, 4, gs, False, g_idx)
+    return QuantizedWeight(quantize_codes(w, s, z, 4, gs, g_idx), s, z, 4, gs, False, g_idx)
+
+
+def test_native_pack_holds_and_recovers_the_stored_values() -> None:
+    """(No compiled library needed.) The pack holds the codes, and the scales and zeros while they
+    are bf16 with integer zero points; what it holds comes back exactly, in the original order."""
+    qw = act_order_weight()
+    mod = QuantLinear.from_quantized(qw, None)
+    backend, cpu = int4_native.BACKEND, torch.device("cpu")
+    pack = backend.build(mod, torch.float32, cpu)
+    assert backend.holds(pack, mod) == ("codes", "scales", "zeros")
+    assert torch.equal(backend.recover(pack, mod, "codes"), qw.codes)
+    assert torch.equal(backend.recover(pack, mod, "scales"), mod.scales)
+    assert torch.equal(backend.recover(pack, mod, "zeros"), mod.qzeros)
+    qw.zeros = qw.zeros + 0.37  # float zero points (HQQ) are stored in float16: not held
+    mod = QuantLinear.from_quantized(qw, None)
+    assert backend.holds(backend.build(mod, torch.float32, cpu), mod) == ("codes",)
+
+
+@needs_kernel
+def test_quantlinear_native_act_order_and_release() -> None:
+    n, k = 64, 256
+    qw = act_order_weight(n, k)
     mod = QuantLinear.from_quantized(qw, torch.randn(n))
     before = {name: t.clone() for name, t in mod.state_dict().items()}
     mod.backend = "reference"
@@ -108,7 +130,7 @@ def test_quantlinear_native_act_order_and_release() -> None:
     ref = mod(x)
     mod.backend = "int4_native"
     assert rel(mod(x), ref) < BACKEND_RTOL
-    assert isinstance(mod._cache, kernels.NativeQ4Pack)
+    assert isinstance(mod._cache, int4_native.NativeQ4Pack)
     assert mod.released_buffers() == {"qweight", "scales", "qzeros"}
     assert torch.equal(mod.codes(), qw.codes)  # recovered from the pack, original column order
     after = mod.state_dict()
@@ -140,7 +162,7 @@ def test_disabled_by_env_falls_back_to_torch_kernel(fresh_native: None, monkeypa
     assert "QCORE_NATIVE=0" in (native.unavailable_reason() or "")
     mod = QuantLinear.from_quantized(quantize_rtn(torch.randn(64, 256), 4, 128, False), None)
     assert "QCORE_NATIVE=0" in (mod.why_not("int4_native") or "")
-    if kernels.has_int4_cpu():
+    if has_int4_cpu():
         assert mod.select_backend() == "int4_cpu"
 
 

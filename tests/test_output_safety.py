@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import qcore
-from qcore import io
+from qcore import checkpoint
 from qcore.plugin.errors import CheckpointError
 from qcore.tiny import tiny_model
 
@@ -69,19 +69,19 @@ def test_cli_needs_overwrite_to_replace_its_own_output(tmp_path: Path) -> None:
 
 
 def test_a_users_file_inside_a_qcore_output_blocks_replacement(tmp_path: Path) -> None:
-    target = io.save(quantized(), tmp_path / "ck")
+    target = checkpoint.save(quantized(), tmp_path / "ck")
     (target / "eval-notes.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="eval-notes.txt"):
-        io.save(quantized(), target, overwrite=True)
+        checkpoint.save(quantized(), target, overwrite=True)
     assert (target / "eval-notes.txt").read_text() == "mine"
 
 
 def test_a_folder_without_the_marker_is_never_replaced(tmp_path: Path) -> None:
-    target = io.save(quantized(), tmp_path / "ck")
-    (target / io.MARKER_FILE).unlink()  # e.g. a checkpoint copied by hand, or any other folder
+    target = checkpoint.save(quantized(), tmp_path / "ck")
+    (target / checkpoint.MARKER_FILE).unlink()  # e.g. a checkpoint copied by hand, or any other folder
     before = snapshot(target)
     with pytest.raises(CheckpointError, match="not written by qcore"):
-        io.save(quantized(), target, overwrite=True)
+        checkpoint.save(quantized(), target, overwrite=True)
     assert snapshot(target) == before
 
 
@@ -92,20 +92,20 @@ def test_save_refuses_the_folder_the_model_was_read_from(float_dir: Path) -> Non
     qcore.quantize(model, "rtn", bits=4, group_size=32)
     before = snapshot(float_dir)
     with pytest.raises(CheckpointError, match="input model"):
-        io.save(model, float_dir, overwrite=True)
+        checkpoint.save(model, float_dir, overwrite=True)
     assert snapshot(float_dir) == before
 
 
 def test_leftovers_of_interrupted_writes_are_cleaned(tmp_path: Path) -> None:
-    target = io.save(quantized(), tmp_path / "ck")
+    target = checkpoint.save(quantized(), tmp_path / "ck")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    stale = tmp_path / f".ck{io.TMP_INFIX}{dead}-abc123"
+    stale = tmp_path / f".ck{checkpoint.TMP_INFIX}{dead}-abc123"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
-    old = tmp_path / f".ck{io.OLD_INFIX}1234abcd"
+    old = tmp_path / f".ck{checkpoint.OLD_INFIX}1234abcd"
     old.mkdir()
-    io.save(quantized(), target, overwrite=True)
+    checkpoint.save(quantized(), target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
@@ -113,9 +113,25 @@ def test_leftovers_of_interrupted_writes_are_cleaned(tmp_path: Path) -> None:
 def test_written_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
     old = os.umask(umask)
     try:
-        target = io.save(quantized(), tmp_path / "ck")
+        target = checkpoint.save(quantized(), tmp_path / "ck")
     finally:
         os.umask(old)
     assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in target.iterdir()}
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_single_files_are_replaced_atomically_and_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    target = checkpoint.write_json(tmp_path / "sub" / "report.json", {"ppl": 1.5})
+    old = os.umask(umask)
+    try:
+        with pytest.raises(OSError, match="injected"), checkpoint.atomic_file(target) as tmp:
+            tmp.write_text("half")
+            raise OSError("injected")
+        assert target.read_text() == '{\n  "ppl": 1.5\n}\n'  # the earlier file is intact
+        checkpoint.write_json(target, {"ppl": 2.5})
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]  # no temporary left
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask

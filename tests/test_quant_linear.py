@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from qcore.plugin.errors import CompatibilityError, ConfigError
-from qcore.quant import kernels
+from qcore.quant.backends import int4_cpu
+from qcore.quant.backends.int4_native import int4_native_reason
+from qcore.quant.backends.int8_cpu import build_int8
+from qcore.quant.backends.w8a8 import w8a8_mm
 from qcore.quant.act import ActQuant, calibrate_static_scale, fake_quant_act, quantize_act_int8
-from qcore.quant.linear import BACKEND_ENV, BACKEND_RTOL, QuantLinear
+from qcore.quant.linear import BACKEND_ENV, BACKEND_RTOL, QuantLinear, backend_names
 from qcore.quant.packing import unpack_codes
 from qcore.quant.primitives import QuantizedWeight, dequantize_codes, quant_params, quantize_codes, quantize_rtn
 
@@ -36,10 +39,10 @@ def act_order_weight(bits: int, gs: int, out_f: int = 64, in_f: int = 256) -> Qu
     return QuantizedWeight(quantize_codes(w, s, z, bits, gs, g_idx), s, z, bits, gs, False, g_idx)
 
 
-def int4_backend(in_f: int = 256, out_f: int = 64, group: int = 128) -> str:
+def int4_backend(in_f: int = 256, group: int = 128) -> str:
     """The int4 kernel ``auto`` picks on this machine: qcore's own where it builds and runs (CPUs
     with AVX512-BF16), else torch's."""
-    return "int4_native" if kernels.int4_native_reason(in_f, out_f, 4, group, None) is None else "int4_cpu"
+    return "int4_native" if int4_native_reason(in_f, 4, group, None) is None else "int4_cpu"
 
 
 # (bits, group, sym) -> the backend auto picks on CPU ("int4": see int4_backend)
@@ -60,8 +63,8 @@ def test_backends_agree_with_reference(cfg: tuple[int, int, bool], expected: str
     assert torch.allclose(ref, x @ w_hat.t() + mod.bias, atol=1e-4)
     mod.backend = "auto"
     assert mod.select_backend() == (int4_backend(group=cfg[1]) if expected == "int4" else expected)
-    for backend in ("auto", "dense", "dense_bf16", "int4_native", "int4_cpu", "int8_cpu"):
-        if mod.why_not(backend) is not None:
+    for backend in backend_names():
+        if backend != "auto" and mod.why_not(backend) is not None:
             continue
         mod.backend = backend
         y = mod(x)
@@ -94,20 +97,20 @@ def test_uneven_act_order_falls_back_to_dense() -> None:
 def test_kernel_rejects_wrong_zero_layout() -> None:
     """The test above could pass with a wrong kernel offset only if zeros did not matter: they do."""
     mod, qw = make(4, 64, False)
-    pack = kernels.build_int4_cpu(qw.codes, qw.scales, qw.zeros, 64)
-    bad = kernels.Int4CpuPack(pack.packed, pack.scale_zeros.clone(), pack.kgroup, None)
+    pack = int4_cpu.build_int4_cpu(qw.codes, qw.scales, qw.zeros, 64)
+    bad = int4_cpu.Int4CpuPack(pack.packed, pack.scale_zeros.clone(), pack.kgroup, None)
     bad.scale_zeros[..., 1] = 0
     x = torch.randn(4, 256)
     ref = x @ qw.dequantize().t()
-    assert rel(kernels.int4_cpu_mm(x, pack), ref) < BACKEND_RTOL
-    assert rel(kernels.int4_cpu_mm(x, bad), ref) > 0.1
+    assert rel(int4_cpu.int4_cpu_mm(x, pack), ref) < BACKEND_RTOL
+    assert rel(int4_cpu.int4_cpu_mm(x, bad), ref) > 0.1
 
 
 @pytest.mark.parametrize("n,k", [(48, 96), (64, 128), (112, 288), (32, 64), (192, 96)])
 def test_recover_int4_codes_exact(n: int, k: int) -> None:
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    pack = kernels.build_int4_cpu(codes, torch.ones(n, 1), torch.zeros(n, 1), -1)
-    assert torch.equal(kernels.recover_int4_cpu_codes(pack, n, k), codes)
+    pack = int4_cpu.build_int4_cpu(codes, torch.ones(n, 1), torch.zeros(n, 1), -1)
+    assert torch.equal(int4_cpu.recover_int4_cpu_codes(pack, n, k), codes)
 
 
 def test_forced_backend(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,7 +175,7 @@ def test_memory_group128(bits: int, stored: float, resident: float) -> None:
     buffers = sum(b.numel() * b.element_size() for b in mod.buffers())
     assert buffers / fp16_bytes <= stored
     mod(torch.randn(1, in_f))  # builds the int4 kernel pack
-    assert mod.select_backend() == int4_backend(in_f, out_f)
+    assert mod.select_backend() == int4_backend(in_f)
     # the kernel pack (0.5 B/weight + a bf16 scale/offset table) stands in for all three buffers
     assert mod.released_buffers() == {"qweight", "scales", "qzeros"}
     assert mod.qweight.shape == (out_f, in_f * bits // 32) and mod.qweight.untyped_storage().nbytes() == 4
@@ -261,9 +264,9 @@ def test_w8a8_matches_fake_quant_reference(sym: bool, m: int) -> None:
     assert rel(mod(x), ref) < 1e-5
     # both integer paths (the small-batch int8pack kernel and torch._int_mm) give the same numbers
     xq, sx = quantize_act_int8(x)
-    pack = kernels.build_int8(qw.codes, qw.scales.to(mod.scale_dtype), qw.zeros.to(mod.scale_dtype))
-    a = kernels.w8a8_mm(xq, sx, pack, torch.float32, use_int_mm=True) + mod.bias
-    b = kernels.w8a8_mm(xq, sx, pack, torch.float32, use_int_mm=False) + mod.bias
+    pack = build_int8(qw.codes, qw.scales.to(mod.scale_dtype), qw.zeros.to(mod.scale_dtype))
+    a = w8a8_mm(xq, sx, pack, torch.float32, use_int_mm=True) + mod.bias
+    b = w8a8_mm(xq, sx, pack, torch.float32, use_int_mm=False) + mod.bias
     assert rel(a, ref) < 1e-5  # exact int32 accumulation
     assert rel(b, ref) < BACKEND_RTOL
 
@@ -327,3 +330,47 @@ def test_int8_kernel_skipped_where_it_would_crash() -> None:
         ref = mod(x)
         mod.backend = "auto"
         assert rel(mod(x), ref) < 1e-5
+
+
+# -- input transform -------------------------------------------------------------------------------
+class Rotation(torch.nn.Module):
+    """A fixed orthogonal matrix: ``T(x) = x @ q.T``."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        super().__init__()
+        q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed)))
+        self.register_buffer("q", q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.q.t()
+
+
+@pytest.mark.parametrize("cfg,act", [((4, 64, False), None), ((8, -1, True), None), ((8, -1, True), ActQuant(8)),
+                                     ((3, 32, True), ActQuant(4))])
+def test_input_transform_on_every_backend(cfg: tuple[int, int, bool], act: ActQuant | None) -> None:
+    """``QuantLinear(x) == linear(T(x))`` on every backend that runs here, and through autograd."""
+    rot = Rotation(256)
+    g = torch.Generator().manual_seed(1)
+    qw = quantize_rtn(torch.randn(64, 256, generator=g) * 0.05, *cfg)
+    bias = torch.randn(64, generator=g)
+    mod = QuantLinear.from_quantized(qw, bias, act=act, input_transform=rot)
+    assert mod.input_transform is rot and "input_transform" not in json.dumps(mod.meta())
+    assert torch.equal(mod.state_dict()["input_transform.q"], rot.q)
+    w_hat = dequantize_codes(qw.codes, qw.scales.to(mod.scale_dtype), qw.zeros.to(mod.scale_dtype), qw.group_size)
+    x = torch.randn(2, 5, 256, generator=g)
+    tx = rot(x) if act is None else fake_quant_act(rot(x).reshape(-1, 256), act).reshape(2, 5, 256)
+    ref = tx @ w_hat.t() + bias
+    assert rel(x @ w_hat.t() + bias, ref) > 0.5  # the transform matters
+    ran = []
+    for backend in backend_names():
+        if backend != "auto" and mod.why_not(backend) is not None:
+            continue
+        mod.backend = backend
+        assert rel(mod(x), ref) < BACKEND_RTOL, backend
+        if act is None:  # the input gradient goes through the transform (kernels: straight-through)
+            xg = x[0].clone().requires_grad_()
+            grad = torch.randn(5, 64, generator=g)
+            mod(xg).backward(grad)
+            assert rel(xg.grad, grad @ w_hat @ rot.q) < BACKEND_RTOL, backend
+        ran.append(mod.select_backend())
+    assert {"dense", "dense_bf16", "reference"} <= set(ran)

@@ -104,6 +104,8 @@ def test_plugin_registering_a_taken_name_fails_alone() -> None:
     reg.load_entry_points()
 
     class Dup:
+        QCORE_API = ">=1,<2"
+
         @qcore.hookimpl
         def qcore_register_methods(self, register):
             register(qcore.get_method("rtn"))
@@ -119,6 +121,8 @@ def test_hook_that_raises_is_contained() -> None:
     reg = Registry()
 
     class Bad:
+        QCORE_API = ">=1,<2"
+
         @qcore.hookimpl
         def qcore_register_methods(self, register):
             raise RuntimeError("boom")
@@ -127,3 +131,60 @@ def test_hook_that_raises_is_contained() -> None:
     reg.register_plugin(bad, "bad")
     assert reg.plugins["bad"].status == "failed" and "boom" in reg.plugins["bad"].error
     assert not reg.pm.is_registered(bad)
+
+
+OLD_CONTRACT = {"qcore_old_mod": """
+    import qcore
+    QCORE_API = ">=0.1,<1"
+
+    @qcore.hookimpl
+    def qcore_register_methods(register):
+        raise AssertionError("an incompatible plugin's hooks are never called")
+"""}
+
+
+def test_plugin_built_for_another_contract_is_reported_by_name(tmp_path: Path) -> None:
+    fake_distribution(tmp_path, "qcore_old", {"old": "qcore_old_mod"}, OLD_CONTRACT)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "qcore.cli", "plugins"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("| old"))
+    assert "incompatible" in line and ">=0.1,<1" in line and qcore.API_VERSION in line
+    assert "| rtn" in out.stdout and "| gptq" in out.stdout  # the others keep working
+
+
+@pytest.mark.parametrize("declared, ok", [(">=1,<2", True), (">=1.0", True), ("==1.0", True), (">=2", False),
+                                          ("<1", False), (None, False), ("one", False)])
+def test_api_range(declared: str | None, ok: bool) -> None:
+    from qcore.plugin.version import unsupported_reason
+
+    assert (unsupported_reason(declared, "1.0") is None) == ok
+
+
+def test_extension_hook_that_raises_is_contained() -> None:
+    reg = Registry()
+    reg.load_entry_points()
+
+    class BadObserver:
+        QCORE_API = ">=1,<2"
+
+        @qcore.hookimpl
+        def qcore_register_observers(self, register):
+            raise RuntimeError("observer boom")
+
+    class Taken:
+        QCORE_API = ">=1,<2"
+
+        @qcore.hookimpl
+        def qcore_register_observers(self, register):
+            from qcore.plugin import ObserverSpec
+
+            register(ObserverSpec("hessian", "a second hessian", "x:y"))
+
+    reg.register_plugin(BadObserver(), "zbad")
+    reg.register_plugin(Taken(), "ztaken")
+    found = reg.extensions("qcore_register_observers")
+    assert {"hessian", "absmax", "absmean", "inputs"} <= set(found) and found["hessian"].plugin == "builtins"
+    assert reg.plugins["zbad"].status == "failed" and "observer boom" in reg.plugins["zbad"].error
+    assert "qcore_register_observers" in reg.plugins["zbad"].error
+    assert reg.plugins["ztaken"].status == "failed" and "already registered" in reg.plugins["ztaken"].error

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qcore
-from qcore import io
+from qcore import checkpoint
 from qcore.tiny import tiny_inputs, tiny_model
 
 LIMIT = 0.27
@@ -17,7 +17,7 @@ SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
 @pytest.fixture(scope="module")
 def q4g128():
     model = tiny_model("llama", **SHAPE)
-    float_desc = io.describe_checkpoint(model)
+    float_desc = checkpoint.describe_checkpoint(model)
     qcore.quantize(model, "rtn", bits=4, group_size=128, check=False)
     return model, float_desc
 
@@ -50,7 +50,7 @@ def test_in_memory_at_most_027_of_fp16(q4g128):
     with torch.no_grad():
         model(tiny_inputs(model))
     after = held()
-    desc = io.describe_checkpoint(model)
+    desc = checkpoint.describe_checkpoint(model)
     assert desc["quantized_bytes"] == after and desc["quantized_fp16_bytes"] == fp16
     assert before / fp16 <= LIMIT, f"as loaded: {before / fp16:.4f}x of fp16"
     assert after / fp16 <= LIMIT, f"after a forward (kernel caches built): {after / fp16:.4f}x of fp16"
@@ -58,8 +58,8 @@ def test_in_memory_at_most_027_of_fp16(q4g128):
 
 def test_on_disk_at_most_027_of_fp16(q4g128, tmp_path):
     model, _ = q4g128
-    path = io.save(model, tmp_path / "q4g128")
-    desc = io.describe_checkpoint(path)
+    path = checkpoint.save(model, tmp_path / "q4g128")
+    desc = checkpoint.describe_checkpoint(path)
     q = [r for r in desc["layers"] if r["kind"] == "quantized"]
     assert len(q) == 2 * 7 and all(r["bits"] == 4 and r["group_size"] == 128 for r in q)
     assert desc["quantized_ratio"] <= LIMIT, f"on disk: {desc['quantized_ratio']:.4f}x of fp16"
@@ -67,6 +67,6 @@ def test_on_disk_at_most_027_of_fp16(q4g128, tmp_path):
     from safetensors import safe_open
 
     names = {r["name"] for r in q}
-    with safe_open(str(path / io.SINGLE_FILE), framework="pt") as f:
+    with safe_open(str(path / checkpoint.SINGLE_FILE), framework="pt") as f:
         stored = sum(f.get_tensor(k).nbytes for k in f.keys() if k.rpartition(".")[0] in names)
     assert stored == desc["quantized_bytes"]

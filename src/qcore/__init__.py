@@ -6,20 +6,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qcore.plugin.config import QuantConfig, WeightQuantConfig
-from qcore.plugin.errors import (
+from qcore.plugin import (
+    API_VERSION,
+    BaseQuantizer,
     CalibrationError,
+    Capabilities,
     CheckpointError,
     CompatibilityError,
     ConfigError,
+    MethodSpec,
     PluginLoadError,
     QcoreError,
+    QuantConfig,
+    Quantizer,
     UnknownMethodError,
+    WeightQuantConfig,
+    hookimpl,
 )
-from qcore.plugin.hookspecs import hookimpl
-from qcore.plugin.protocol import BaseQuantizer, Quantizer
 from qcore.registry import get_method, list_methods, list_plugins
-from qcore.plugin.spec import Capabilities, MethodSpec
 
 __version__ = "0.1.0"
 
@@ -27,8 +31,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "quantize": "qcore.pipeline.api",
     "check": "qcore.compat",
-    "save": "qcore.io",
-    "load": "qcore.io",
+    "save": "qcore.checkpoint",
+    "load": "qcore.checkpoint",
     "finetune": "qcore.pipeline.api",
     "inspect_model": "qcore.arch.introspect",
 }
@@ -37,7 +41,7 @@ if TYPE_CHECKING:
     from qcore.pipeline.api import finetune, quantize
     from qcore.compat import check
     from qcore.arch.introspect import inspect_model
-    from qcore.io import load, save
+    from qcore.checkpoint import load, save
 
 
 def __getattr__(name: str) -> Any:
@@ -49,7 +53,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BaseQuantizer", "CalibrationError", "Capabilities", "CheckpointError", "CompatibilityError",
+    "API_VERSION", "BaseQuantizer", "CalibrationError", "Capabilities", "CheckpointError", "CompatibilityError",
     "ConfigError", "MethodSpec", "PluginLoadError", "QcoreError", "QuantConfig", "Quantizer",
     "UnknownMethodError", "WeightQuantConfig", "__version__", "check", "finetune", "get_method",
     "hookimpl", "inspect_model", "list_methods", "list_plugins", "load", "quantize", "save",

@@ -211,11 +211,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import qcore
-    from qcore import io
+    from qcore import checkpoint
 
     options = parse_options(args)
     inputs = (args.model,) if Path(args.model).expanduser().exists() else ()
-    io.check_target(args.out, args.overwrite, inputs)  # before the slow work
+    checkpoint.check_target(args.out, args.overwrite, inputs)  # before the slow work
     model, tok = _load_model(args.model)
     calib_source, eval_texts, eval_name = _sources(args)
     report: dict[str, Any] = {"model": args.model, "method": args.method, "options": options}
@@ -227,32 +227,36 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                    tokenizer=tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
                    device=args.device, **options)
     report["quantize_seconds"] = round(time.perf_counter() - start, 2)
-    out = io.save(model, args.out, tokenizer=tok, overwrite=args.overwrite)
+    out = checkpoint.save(model, args.out, tokenizer=tok, overwrite=args.overwrite)
     report["out"] = str(out)
     if args.eval:
-        reloaded = io.load(out)
+        reloaded = checkpoint.load(out)
         report["quantized"] = _perplexity(reloaded, tok, eval_texts, args)
         report["quantized"]["sizes"] = _sizes(reloaded)
         report["eval_data"] = eval_name
         print(_quantize_report(report))
     else:
         print(f"saved {out} ({' + '.join(args.method)}, {report['quantize_seconds']} s)")
-    _write_json(args.json, report)
+    if args.json:
+        checkpoint.write_json(args.json, report, default=str)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from qcore.checkpoint import write_json
+
     model, tok = _load_model(args.model)
     _, texts, name = _sources(args)
     res = _perplexity(model, tok, texts, args)
     print(_table([("model", "data", "tokens", "seq_len", "perplexity"),
                   (args.model, name, str(res["tokens"]), str(args.eval_seq_len), f"{res['perplexity']:.3f}")]))
-    _write_json(args.json, {"model": args.model, "data": name, **res})
+    if args.json:
+        write_json(args.json, {"model": args.model, "data": name, **res}, default=str)
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from qcore.io import describe_checkpoint, format_info
+    from qcore.checkpoint import describe_checkpoint, format_info
 
     print(format_info(describe_checkpoint(args.path)))
     return 0
@@ -278,7 +282,7 @@ def _load_model(name: str) -> tuple[Any, Any]:
     path = Path(name)
     cfg = path / "config.json"
     if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
-        from qcore.io import load, load_tokenizer
+        from qcore.checkpoint import load, load_tokenizer
 
         return load(path), load_tokenizer(path)
     from qcore.models import load_model
@@ -322,7 +326,7 @@ def _perplexity(model: Any, tok: Any, texts: list[str], args: argparse.Namespace
 
 def _sizes(model: Any) -> dict[str, int]:
     """Model bytes as held in memory, and the quantized linears' bytes against the same in fp16."""
-    from qcore.io import describe_checkpoint
+    from qcore.checkpoint import describe_checkpoint
 
     d = describe_checkpoint(model)
     return {k: int(d[k]) for k in ("total_bytes", "total_fp16_bytes", "quantized_bytes", "quantized_fp16_bytes")}
@@ -340,15 +344,6 @@ def _quantize_report(r: dict[str, Any]) -> str:
             f"{r['quantize_seconds']} s; saved to {r['out']} and reloaded from it\n{_table(rows)}\n"
             f"quantized linears: {qs['quantized_bytes'] / 1e6:.2f} MB vs {qs['quantized_fp16_bytes'] / 1e6:.2f} MB "
             f"in fp16 ({ratio:.3f}x); perplexity {q['perplexity'] - f['perplexity']:+.3f} vs float")
-
-
-def _write_json(path: str | None, data: dict[str, Any]) -> None:
-    if not path:
-        return
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(target)
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:

@@ -5,36 +5,33 @@ The matrix is computed, never written by hand: methods come from the registry (e
 options from each method's config class. :func:`check` applies the same data to one model;
 ``qcore.quantize`` runs it first and refuses with its message.
 
-``docs/compatibility.md`` is generated with ``python -m qcore.compat > docs/compatibility.md``
-(the methods of this repository: built-in ``rtn`` plus ``plugins/qcore_*``). Importing this
-module does not import torch; :func:`check` does when it inspects a model.
+``docs/compatibility.md`` is generated from it by ``tools/gen_compat.py`` (the methods of this
+repository: qcore's built-ins plus ``plugins/qcore_*``). Importing this module does not import
+torch; :func:`check` does when it inspects a model.
 """
 from __future__ import annotations
 
-import ast
 import fnmatch
-import inspect
 import json
 import re
-import sys
-import textwrap
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qcore.arch import table as archtable
-from qcore.plugin.config import QuantConfig
+from qcore.plugin.config import QuantConfig, layer_value, layer_values
 from qcore.plugin.errors import CompatibilityError, ConfigError, QcoreError
 from qcore.registry import get_registry
 from qcore.plugin.spec import MethodSpec
 
 if TYPE_CHECKING:
     from qcore.arch.introspect import ModelInfo
+    from qcore.pipeline.chain import Chain
 
 ACT_BITS_FIELDS: tuple[str, ...] = ("act_bits", "activation_bits", "a_bits")
 """Config fields holding a method's activation bit width (checked against ``activation_bits``)."""
 
-REGENERATE = "python -m qcore.compat > docs/compatibility.md"
+REGENERATE = "python tools/gen_compat.py > docs/compatibility.md"
 
 
 class ConfigCompatibilityError(ConfigError, CompatibilityError):
@@ -96,21 +93,6 @@ def _or_list(values: list[Any]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def split_options(specs: list[MethodSpec], options: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Give each option to every method of the chain whose config declares it.
-
-    Returns (options per method, unknown option names); same rule as ``qcore.quantize``.
-    """
-    per: list[dict[str, Any]] = []
-    used: set[str] = set()
-    for spec in specs:
-        names = set(spec.config_cls.model_fields)
-        mine = {k: v for k, v in options.items() if k in names}
-        used |= set(mine)
-        per.append(mine)
-    return per, sorted(set(options) - used)
-
-
 def _config_value(config: QuantConfig, names: tuple[str, ...]) -> Any:
     for name in names:
         if name in type(config).model_fields:
@@ -128,126 +110,70 @@ def check(model: Any, method: str | MethodSpec | list[str | MethodSpec] | tuple[
     ``model`` is an ``nn.Module`` (inspected with :func:`qcore.arch.introspect.inspect_model`, which
     rewrites Conv1D/fused experts exactly, in place), a ``ModelInfo``, or ``None`` to check
     only the options. ``options`` go to every method whose config declares them;
-    ``config=`` passes a ready config (or one per method of a chain) instead.
+    ``config=`` passes a ready config (or one per method of a chain) instead. The chain is
+    resolved by :func:`qcore.pipeline.chain.resolve_chain`, as ``qcore.quantize`` does.
     """
-    chain = list(method) if isinstance(method, (list, tuple)) else [method]
-    verdict = Verdict(ok=True, methods=[m if isinstance(m, str) else m.name for m in chain])
-    reasons, recs = verdict.reasons, verdict.recommendations
-    if not chain:
-        reasons.append("no method given")
-        recs.append("pass a method name such as 'rtn' or a chain such as ['awq', 'gptq']")
-    specs: list[MethodSpec] = []
-    registry = get_registry()
-    for m in chain:
-        if isinstance(m, MethodSpec):
-            specs.append(m)
-            continue
-        try:
-            specs.append(registry.get(m))
-        except QcoreError as exc:
-            reasons.append(str(exc))
-    if len(specs) != len(chain):
+    from qcore.pipeline.chain import resolve_chain
+
+    config = options.pop("config", None)
+    return check_chain(model, resolve_chain(method, config, options))
+
+
+def check_chain(model: Any, chain: Chain) -> Verdict:
+    """The verdict on a resolved chain (what ``qcore.quantize`` runs) for ``model``."""
+    verdict = Verdict(ok=True, methods=list(chain.names))
+    for p in chain.problems:
+        verdict.reasons.append(p.reason)
+        if p.fix:
+            verdict.recommendations.append(p.fix)
+        verdict.config_failure = verdict.config_failure or p.option
+    specs, configs = chain.specs, chain.configs
+    if len(specs) != len(chain.names):
         verdict.ok = False
         return verdict
-
-    configs = _build_configs(specs, options, verdict)
-    _check_chain(specs, verdict)
     for spec, cfg in zip(specs, configs):
         if cfg is not None:
             _check_bits(spec, cfg, verdict)
-
-    info = None
-    if model is not None:
-        info = _model_info(model, verdict)
+    info = _model_info(model, verdict) if model is not None else None
     if info is not None:
         verdict.family = info.family
+        registry = get_registry()
         for spec in specs:
             if not family_supported(spec, info.family):
-                reasons.append(
+                verdict.reasons.append(
                     f"{spec.name} does not support architecture family '{info.family}' "
                     f"(it supports: {', '.join(spec.capabilities.architectures)})")
                 others = sorted(n for n, s in registry.methods.items()
                                 if s.capabilities.kind == spec.capabilities.kind and family_supported(s, info.family))
                 if others:
-                    recs.append(f"methods of kind {spec.capabilities.kind} that support '{info.family}': "
-                                f"{', '.join(others)}")
+                    verdict.recommendations.append(f"methods of kind {spec.capabilities.kind} that support "
+                                                   f"'{info.family}': {', '.join(others)}")
         for spec, cfg in zip(specs, configs):
             if cfg is not None:
                 _check_groups(spec, cfg, info, verdict)
     verdict.configs = [c for c in configs if c is not None]
-    verdict.ok = not reasons
+    verdict.ok = not verdict.reasons
     return verdict
 
 
-def _build_configs(specs: list[MethodSpec], options: dict[str, Any], verdict: Verdict) -> list[QuantConfig | None]:
-    given = options.pop("config", None)
-    if given is not None:
-        configs = [given] if isinstance(given, QuantConfig) else list(given)
-        if options:
-            verdict.reasons.append(f"pass either config= or options ({', '.join(sorted(options))}), not both")
-            verdict.config_failure = True
-        if len(configs) != len(specs):
-            verdict.reasons.append(f"{len(specs)} method(s) but {len(configs)} config(s)")
-            verdict.recommendations.append("give one config per method of the chain")
-            verdict.config_failure = True
-            return [None] * len(specs)
-        out: list[QuantConfig | None] = []
-        for spec, cfg in zip(specs, configs):
-            if not isinstance(cfg, spec.config_cls):
-                verdict.reasons.append(f"method '{spec.name}' takes a {spec.config_cls.__name__}, "
-                                       f"got {type(cfg).__name__}")
-                verdict.config_failure = True
-                out.append(None)
-            else:
-                out.append(cfg)
-        return out
-    per, unknown = split_options(specs, options)
-    if unknown:
-        valid = ("; ".join(f"{s.name}: {', '.join(s.config_cls.option_names())}" for s in specs)
-                 if len(specs) > 1 else ", ".join(specs[0].config_cls.option_names()))
-        what = f"method '{specs[0].name}'" if len(specs) == 1 else "chain " + " + ".join(s.name for s in specs)
-        verdict.reasons.append(f"unknown option(s) {', '.join(unknown)} for {what}; valid options: {valid}")
-        verdict.config_failure = True
-    out = []
-    for spec, opts in zip(specs, per):
-        try:
-            out.append(spec.config_cls.from_options(**opts))
-        except ConfigError as exc:
-            verdict.reasons.append(str(exc))
-            verdict.config_failure = True
-            out.append(None)
-    return out
-
-
-def _check_chain(specs: list[MethodSpec], verdict: Verdict) -> None:
-    for first, second in zip(specs, specs[1:]):
-        if first.composes_before(second):
-            continue
-        allowed = ", ".join(first.capabilities.composes_with) or "nothing"
-        verdict.reasons.append(f"'{second.name}' cannot follow '{first.name}' in a chain "
-                               f"('{first.name}' composes with: {allowed})")
-        if second.composes_before(first):
-            verdict.recommendations.append(f"reverse the order: ['{second.name}', '{first.name}']")
-        else:
-            verdict.recommendations.append(f"quantize with '{first.name}' or '{second.name}' alone")
-
-
 def _check_bits(spec: MethodSpec, cfg: QuantConfig, verdict: Verdict) -> None:
+    """Every bit width and group size the config may use (per-layer maps included) must be among
+    the method's capabilities."""
     caps = spec.capabilities
-    bits = _config_value(cfg, ("bits",))
-    if isinstance(bits, int) and caps.weight_bits and bits not in caps.weight_bits:
-        verdict.reasons.append(f"{spec.name} supports weight bits {', '.join(map(str, caps.weight_bits))}, "
-                               f"not {bits}")
-        near = min(caps.weight_bits, key=lambda b: (abs(b - bits), -b))
-        verdict.recommendations.append(f"use bits={near}")
+    for bits in layer_values(_config_value(cfg, ("bits",))):
+        if caps.weight_bits and bits not in caps.weight_bits:
+            verdict.reasons.append(f"{spec.name} supports weight bits {', '.join(map(str, caps.weight_bits))}, "
+                                   f"not {bits}")
+            near = min(caps.weight_bits, key=lambda b: (abs(b - bits), -b))
+            verdict.recommendations.append(f"use bits={near}")
     abits = _config_value(cfg, ACT_BITS_FIELDS)
     if isinstance(abits, int) and caps.activation_bits and abits not in caps.activation_bits:
         verdict.reasons.append(f"{spec.name} supports activation bits "
                                f"{', '.join(map(str, caps.activation_bits))}, not {abits}")
-    gs = _config_value(cfg, ("group_size",))
-    if isinstance(gs, int) and caps.group_sizes and gs not in caps.group_sizes:
-        verdict.reasons.append(f"{spec.name} supports group sizes {', '.join(map(str, caps.group_sizes))}, "
-                               f"not {gs}")
+    for gs in layer_values(_config_value(cfg, ("group_size",))):
+        if caps.group_sizes and gs not in caps.group_sizes:
+            verdict.reasons.append(f"{spec.name} supports group sizes {', '.join(map(str, caps.group_sizes))}, "
+                                   f"not {gs}")
 
 
 def _model_info(model: Any, verdict: Verdict) -> ModelInfo | None:
@@ -263,17 +189,16 @@ def _model_info(model: Any, verdict: Verdict) -> ModelInfo | None:
 
 
 def _check_groups(spec: MethodSpec, cfg: QuantConfig, info: ModelInfo, verdict: Verdict) -> None:
-    """Every group size must divide the in_features of every linear the method will quantize."""
-    gs = _config_value(cfg, ("group_size",))
-    if not isinstance(gs, int) or gs <= 0:
+    """Each quantized linear's group size (per-layer maps applied) must divide its in_features."""
+    gs_value = _config_value(cfg, ("group_size",))
+    if gs_value is None:
         return
-    ignore = list(getattr(cfg, "ignore", None) or [])
-    targets = [(name, li) for name, li in info.linear_infos()
-               if li.quantize and not any(fnmatch.fnmatchcase(name, p) for p in ignore)]
-    bad = [(name, li) for name, li in targets if li.in_features % gs]
+    targets = [(name, li) for name, li in info.linear_infos() if li.quantize and not cfg.ignores(name)]
+    sized = [(name, li, layer_value(gs_value, name)) for name, li in targets]
+    bad = [(name, li, gs) for name, li, gs in sized if gs > 0 and li.in_features % gs]
     if not bad:
         return
-    name, li = bad[0]
+    name, li, gs = bad[0]
     widths = sorted({t.in_features for _, t in targets})
     fits = dividing_group_sizes(widths, spec.capabilities.group_sizes)
     if fits:
@@ -287,7 +212,7 @@ def _check_groups(spec: MethodSpec, cfg: QuantConfig, info: ModelInfo, verdict: 
                            f"use {fix}")
     if fits:
         verdict.recommendations.append(f"group_size={fits[0]} divides every quantized linear of this model")
-    rel = sorted({n.removeprefix(info.blocks_path + ".").split(".", 1)[1] for n, _ in bad})
+    rel = sorted({n.removeprefix(info.blocks_path + ".").split(".", 1)[1] for n, _, _ in bad})
     patterns = [f"*.{r}" for r in rel[:4]]
     if len(rel) <= 4:
         keep = f"keep them in float with ignore={json.dumps(patterns)}"
@@ -301,55 +226,6 @@ def installed_specs() -> list[MethodSpec]:
     """Every registered method, sorted by name."""
     reg = get_registry()
     return [reg.methods[n] for n in sorted(reg.methods)]
-
-
-def _repo_root() -> Path | None:
-    root = Path(__file__).resolve().parents[2]
-    project = root / "pyproject.toml"
-    if project.is_file() and re.search(r'^name\s*=\s*"qcore"', project.read_text(), re.M):
-        return root
-    return None
-
-
-def _entry_points(pyproject: Path) -> list[str]:
-    """Names in the ``[project.entry-points.qcore]`` table of a pyproject.toml."""
-    names: list[str] = []
-    in_table = False
-    for line in pyproject.read_text().splitlines():
-        stripped = line.strip()
-        if stripped.startswith("["):
-            in_table = stripped == "[project.entry-points.qcore]"
-            continue
-        m = re.match(r'^([A-Za-z0-9_.-]+)\s*=', stripped)
-        if in_table and m:
-            names.append(m.group(1))
-    return names
-
-
-def repo_plugins() -> list[str] | None:
-    """Entry-point names of this repository's built-in methods and ``plugins/qcore_*`` (None when
-    qcore is not run from its source tree)."""
-    root = _repo_root()
-    if root is None:
-        return None
-    names = _entry_points(root / "pyproject.toml")
-    for project in sorted((root / "plugins").glob("qcore_*/pyproject.toml")):
-        names += _entry_points(project)
-    return sorted(set(names))
-
-
-def missing_repo_plugins() -> list[str]:
-    """Repository plugins that are not installed or failed to load (empty when all are ok)."""
-    names = repo_plugins() or []
-    plugins = get_registry().plugins
-    return [n for n in names if n not in plugins or plugins[n].status != "ok"]
-
-
-def repo_specs() -> list[MethodSpec]:
-    """The methods of this repository that are registered (all methods outside a source tree)."""
-    names = repo_plugins()
-    specs = installed_specs()
-    return specs if names is None else [s for s in specs if s.plugin in names]
 
 
 def _bits(values: tuple[int, ...]) -> str:
@@ -377,38 +253,21 @@ def matrix_rows(specs: list[MethodSpec] | None = None) -> list[dict[str, Any]]:
 def _type_name(annotation: Any) -> str:
     if isinstance(annotation, type):
         return annotation.__name__
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union and args:
+        return " | ".join(_type_name(a) for a in args)
     return re.sub(r"\btyping\.", "", str(annotation)).replace("NoneType", "None")
-
-
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under class attributes (``x: int = 1`` then ``\"\"\"doc\"\"\"``)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not (isinstance(klass, type) and issubclass(klass, QuantConfig)):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 def option_rows(spec: MethodSpec) -> list[dict[str, str]]:
     """option, type, default and doc of each option of ``spec``'s config."""
-    docs = _attribute_docs(spec.config_cls)
     rows = []
     for name in spec.config_cls.option_names():
         info = spec.config_cls.model_fields[name]
         default = info.get_default(call_default_factory=True)
         rows.append({"option": name, "type": _type_name(info.annotation),
                      "default": json.dumps(default, sort_keys=True, default=str),
-                     "doc": info.description or docs.get(name, "")})
+                     "doc": " ".join((info.description or "").split())})
     return rows
 
 
@@ -492,24 +351,3 @@ def render_markdown(specs: list[MethodSpec] | None = None) -> str:
             out.append(f"Note: {_cell(note)}")
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
-
-
-def compat_text() -> str:
-    """What ``qcore compat`` prints: the matrix for the installed methods."""
-    return render_markdown()
-
-
-def main() -> int:
-    """``python -m qcore.compat``: write the repository's matrix to stdout."""
-    missing = missing_repo_plugins()
-    if missing:
-        sys.stderr.write(
-            f"qcore.compat: repository plugin(s) {', '.join(missing)} not installed or broken; install every "
-            "plugin (make install) before regenerating docs/compatibility.md\n")
-        return 1
-    sys.stdout.write(render_markdown(repo_specs()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

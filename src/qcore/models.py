@@ -11,7 +11,7 @@ while it runs. Names:
 - ``stories260k``: llama2.c's 260K-parameter TinyStories Llama from the development
   ``shared/models`` folder (only where that folder exists).
 - ``tiny-<family>`` (e.g. ``tiny-llama``): a random tiny model of :mod:`qcore.tiny`, no tokenizer.
-- any local directory with ``config.json`` (a qcore checkpoint is loaded with :func:`qcore.io.load`),
+- any local directory with ``config.json`` (a qcore checkpoint is loaded with :func:`qcore.checkpoint.load`),
   a directory holding one ``.gguf`` file, or a ``.gguf`` file.
 """
 from __future__ import annotations
@@ -167,7 +167,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL,
     assert path is not None
     with offline(), _hf_progress():
         if kind == "qcore":
-            from qcore.io import load
+            from qcore.checkpoint import load
 
             model = load(path)
         else:
@@ -195,7 +195,7 @@ def save_float(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
     """
     import copy
 
-    from qcore.io import atomic_dir, model_sources
+    from qcore.checkpoint import atomic_dir, model_sources
 
     if getattr(model, "qcore_record", None) is not None:
         raise CheckpointError("this model was quantized by qcore: save it with qcore.save(model, path)")

@@ -1,14 +1,18 @@
-"""Plugin discovery (pluggy, entry-point group ``qcore``) and the method registry.
+"""Plugin discovery (pluggy, entry-point group ``qcore``) and the registries it fills.
 
-Each entry point names a module that implements :mod:`qcore.plugin.hookspecs`. A plugin that fails to
-import or register is recorded with its error; the others keep working. Set
+Each entry point names a module that implements :mod:`qcore.plugin.hookspecs` and declares the
+contract versions it supports (``QCORE_API``). A plugin that fails to import, is built for another
+contract, or raises in a hook is recorded with its error; the others keep working. Set
 ``QCORE_DISABLE_PLUGINS=name1,name2`` to skip plugins by entry-point name.
+
+Methods are collected when the registry loads (cheap, no torch); observers, serializers and kernel
+backends when first asked for (:meth:`Registry.extensions`).
 """
 from __future__ import annotations
 
 import os
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from importlib import metadata
 from typing import Any
 
@@ -17,6 +21,7 @@ import pluggy
 from qcore.plugin import hookspecs
 from qcore.plugin.errors import PluginLoadError, UnknownMethodError
 from qcore.plugin.spec import MethodSpec
+from qcore.plugin.version import API_ATTRIBUTE, unsupported_reason
 
 ENTRY_POINT_GROUP = "qcore"
 DISABLE_ENV = "QCORE_DISABLE_PLUGINS"
@@ -29,7 +34,7 @@ class PluginInfo:
     name: str
     distribution: str
     version: str
-    status: str  # "ok", "failed" or "disabled"
+    status: str  # "ok", "failed", "incompatible" or "disabled"
     error: str = ""
     methods: list[str] = field(default_factory=list)
     traceback: str = ""
@@ -43,6 +48,8 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
         self.methods: dict[str, MethodSpec] = {}
+        self._objects: dict[str, Any] = {}
+        self._extensions: dict[str, dict[str, Any]] = {}
 
     # -- loading -------------------------------------------------------------------------------
     def load_entry_points(self) -> None:
@@ -67,6 +74,10 @@ class Registry:
         """Register a plugin object (module or instance) and collect its methods."""
         info = PluginInfo(name, distribution, version, "ok")
         self.plugins[name] = info
+        why = unsupported_reason(getattr(plugin, API_ATTRIBUTE, None))
+        if why is not None:
+            info.status, info.error = "incompatible", why
+            return
         collected: list[MethodSpec] = []
 
         def register(spec: MethodSpec) -> None:
@@ -93,10 +104,61 @@ class Registry:
         for spec in collected:
             self.methods[spec.name] = replace(spec, plugin=name, distribution=distribution, version=version)
             info.methods.append(spec.name)
+        self._objects[name] = plugin
+        self._extensions.clear()
 
-    def _failed(self, name: str, dist: str, version: str, exc: BaseException) -> None:
+    def unregister_plugin(self, name: str) -> None:
+        """Remove a plugin and everything it registered."""
+        info = self.plugins.pop(name, None)
+        for method in info.methods if info is not None else []:
+            self.methods.pop(method, None)
+        plugin = self._objects.pop(name, None)
+        if plugin is not None and self.pm.is_registered(plugin):
+            self.pm.unregister(plugin)
+        self._extensions.clear()
+
+    # -- extensions (observers, serializers, kernel backends) ------------------------------------
+    def extensions(self, hook: str) -> dict[str, Any]:
+        """``{key: object}`` registered through ``hook`` by every working plugin (cached).
+
+        ``hook`` is one of ``qcore_register_observers``, ``qcore_register_serializers`` and
+        ``qcore_register_backends``; an object's key is its ``name`` (observers, backends) or
+        ``type_name`` (serializers). A plugin whose hook raises, or that registers a key another
+        plugin already has, is marked failed and contributes nothing to that hook.
+        """
+        if hook in self._extensions:
+            return self._extensions[hook]
+        found: dict[str, Any] = {}
+        owner: dict[str, str] = {}
+        for name, plugin in sorted(self._objects.items()):
+            info = self.plugins[name]
+            if info.status != "ok":
+                continue
+            collected: list[Any] = []
+            try:
+                for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                    if impl.plugin is plugin:
+                        impl.function(register=collected.append)
+                keys = [_extension_key(obj) for obj in collected]
+                taken = [k for k in keys if k in found]
+                if taken:
+                    raise ValueError(f"{hook.removeprefix('qcore_register_')[:-1]} '{taken[0]}' is already "
+                                     f"registered by plugin '{owner[taken[0]]}'")
+            except Exception as exc:  # a broken plugin must not break the others
+                self._failed(name, info.distribution, info.version, exc, hook)
+                continue
+            for key, obj in zip(keys, collected):
+                found[key] = _owned(obj, name)
+                owner[key] = name
+        self._extensions[hook] = found
+        return found
+
+    def _failed(self, name: str, dist: str, version: str, exc: BaseException, hook: str = "") -> None:
+        where = f" (in {hook})" if hook else ""
+        old = self.plugins.get(name)
         self.plugins[name] = PluginInfo(
-            name, dist, version, "failed", f"{type(exc).__name__}: {exc}",
+            name, dist, version, "failed", f"{type(exc).__name__}{where}: {exc}",
+            methods=list(old.methods) if old is not None else [],
             traceback="".join(traceback.format_exception(exc)),
         )
 
@@ -105,7 +167,7 @@ class Registry:
         if name in self.methods:
             return self.methods[name]
         broken = self.plugins.get(name)
-        if broken is not None and broken.status != "ok":
+        if broken is not None and broken.status != "ok" and name not in broken.methods:
             raise PluginLoadError(
                 f"method '{name}' is unavailable: plugin '{broken.name}' "
                 f"({broken.distribution or 'unknown distribution'}) {broken.status}: {broken.error}. "
@@ -117,6 +179,25 @@ class Registry:
             f"unknown method '{name}'; installed methods: {known}. "
             f"Install its plugin (pip install qcore-{name}) or run 'qcore list'"
         )
+
+
+def _extension_key(obj: Any) -> str:
+    key = getattr(obj, "type_name", None) or getattr(obj, "name", None)
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"register() got {type(obj).__name__} without a 'name' (or 'type_name' for serializers)")
+    return key
+
+
+def _owned(obj: Any, plugin: str) -> Any:
+    """``obj`` marked with the plugin that registered it, where it has a ``plugin`` field/attribute."""
+    if is_dataclass(obj) and not isinstance(obj, type) and "plugin" in {f.name for f in fields(obj)}:
+        return obj if obj.plugin else replace(obj, plugin=plugin)
+    try:
+        if not getattr(obj, "plugin", ""):
+            obj.plugin = plugin
+    except (AttributeError, TypeError):  # objects that take no attributes stay as they are
+        pass
+    return obj
 
 
 _REGISTRY: Registry | None = None
@@ -143,3 +224,8 @@ def list_methods() -> dict[str, str]:
 
 def list_plugins() -> list[PluginInfo]:
     return sorted(get_registry().plugins.values(), key=lambda p: p.name)
+
+
+def extensions(hook: str) -> dict[str, Any]:
+    """What every working plugin registered through ``hook`` (see :meth:`Registry.extensions`)."""
+    return get_registry().extensions(hook)

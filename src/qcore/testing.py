@@ -10,10 +10,16 @@ Usage in a plugin's tests::
         tiny_options = {"bits": 4, "group_size": 32}
         unsupported = [({"bits": 5}, "bits")]   # options, text the error must contain
 
+The suite fails a method that does nothing: after quantizing a tiny model every linear the
+method should quantize must be packed, the logits' error must stay within ``max_error_vs_rtn``
+times round-to-nearest's at the same bits and group size, and save -> load must reproduce the
+logits exactly.
+
 This module imports pytest; it is meant for tests only.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import subprocess
@@ -51,6 +57,37 @@ def imports_torch(module: str) -> bool:
     return out.stdout.strip().endswith("True")
 
 
+def qcore_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every absolute import of ``qcore`` or a ``qcore.*`` module in a source file."""
+    import ast
+
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+    return [(line, name) for line, name in found if name == "qcore" or name.startswith("qcore.")]
+
+
+def is_public_import(module: str) -> bool:
+    """Whether a plugin may import ``module``: ``qcore`` itself, or ``qcore.plugin.PUBLIC_MODULES``."""
+    from qcore.plugin import PUBLIC_MODULES
+
+    return module == "qcore" or any(module == p or module.startswith(p + ".") for p in PUBLIC_MODULES if p != "qcore")
+
+
+def private_imports(sources: list[Path]) -> list[str]:
+    """``file:line imports module`` for every import of qcore's internals in ``sources``."""
+    return [f"{p}:{line} imports {name}" for p in sources for line, name in qcore_imports(p)
+            if not is_public_import(name)]
+
+
+def relative_error(got: Any, ref: Any) -> float:
+    """||got - ref|| / ||ref|| (Frobenius), in float64."""
+    return float((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
 class MethodConformance:
     """Shared checks for one method. Subclass and set the class attributes."""
 
@@ -59,6 +96,53 @@ class MethodConformance:
     tiny_options: ClassVar[dict[str, Any]] = {}
     tiny_family: ClassVar[str] = "llama"
     unsupported: ClassVar[list[tuple[dict[str, Any], str]]] = []
+    rtn_options: ClassVar[dict[str, Any] | None] = None
+    """RTN settings the error bound compares against (default: ``tiny_options``' bits and group
+    size, else 4 bits, group 32)."""
+    max_error_vs_rtn: ClassVar[float] = 1.5
+    """The method's relative logit error may be at most this multiple of RTN's."""
+
+    _cache: ClassVar[dict[str, Any]] = {}
+
+    def is_packed(self, module: Any) -> bool:
+        """Whether ``module`` holds the method's low-bit weights (qcore's ``QuantLinear``)."""
+        from qcore.quant.linear import QuantLinear
+
+        return isinstance(module, QuantLinear)
+
+    def _quantized(self) -> tuple[Any, Any, Any, list[str]]:
+        """(quantized model, float logits, inputs, names of the linears it should quantize), once per class."""
+        key = type(self).__qualname__
+        if key not in self._cache:
+            import torch
+
+            import qcore
+            from qcore.arch.introspect import inspect_model
+            from qcore.tiny import tiny_inputs, tiny_model
+
+            model = tiny_model(self.tiny_family)
+            ids = tiny_inputs(model, seq_len=16, seed=1)
+            with torch.no_grad():
+                ref = model(ids).logits
+            ignore = list(self.tiny_options.get("ignore", []))
+            targets = [n for n in inspect_model(model).quantizable() if not any(fnmatch.fnmatchcase(n, p) for p in ignore)]
+            qcore.quantize(model, self.method, calibration=tiny_calibration(model.config.vocab_size),
+                           **self.tiny_options)
+            self._cache[key] = (model, ref, ids, targets)
+        return self._cache[key]
+
+    def _rtn_error(self, ref: Any, ids: Any) -> float:
+        import torch
+
+        import qcore
+        from qcore.tiny import tiny_model
+
+        opts = self.rtn_options or {"bits": self.tiny_options.get("bits", 4),
+                                    "group_size": self.tiny_options.get("group_size", 32)}
+        model = tiny_model(self.tiny_family)
+        qcore.quantize(model, "rtn", **opts)
+        with torch.no_grad():
+            return relative_error(model(ids).logits, ref)
 
     def _spec(self) -> Any:
         import qcore
@@ -97,18 +181,64 @@ class MethodConformance:
     def test_tiny_model_quantizes(self) -> None:
         import torch
 
-        import qcore
-        from qcore.tiny import tiny_model
-
-        model = tiny_model(self.tiny_family)
-        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-        qcore.quantize(model, self.method, calibration=tiny_calibration(model.config.vocab_size),
-                       **self.tiny_options)
+        model, _, ids, targets = self._quantized()
         with torch.no_grad():
             logits = model(ids).logits
         assert torch.isfinite(logits).all()
-        record = model.qcore_record
-        assert record["chain"][-1]["method"] == self.method
+        assert model.qcore_record["chain"][-1]["method"] == self.method
+        left = [n for n in targets if not self.is_packed(model.get_submodule(n))]
+        assert targets and not left, f"{len(left)} of {len(targets)} linears were not packed, e.g. {left[:3]}"
+
+    def test_error_below_bound(self) -> None:
+        import torch
+
+        model, ref, ids, _ = self._quantized()
+        with torch.no_grad():
+            err = relative_error(model(ids).logits, ref)
+        rtn = self._rtn_error(ref, ids)
+        assert 0.0 < err < 1.0, f"relative logit error {err:.4f}: the method changed nothing or broke the model"
+        assert err <= self.max_error_vs_rtn * rtn, (
+            f"relative logit error {err:.4f} > {self.max_error_vs_rtn} x RTN's {rtn:.4f}")
+
+    def test_save_load_reproduces_logits(self, tmp_path: Path) -> None:
+        import torch
+
+        import qcore
+
+        model, _, ids, _ = self._quantized()
+        path = qcore.save(model, tmp_path / "ck")
+        loaded = qcore.load(path)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+    def test_per_layer_precision(self, tmp_path: Path) -> None:
+        """A per-layer map of bits and group sizes reaches every layer, the checkpoint and ``qcore info``."""
+        import qcore
+        from qcore.checkpoint import describe_checkpoint
+        from qcore.plugin import WeightQuantConfig
+        from qcore.tiny import tiny_model
+
+        spec = self._spec()
+        if not issubclass(spec.config_cls, WeightQuantConfig):
+            pytest.skip(f"{self.method} has no bits/group_size")
+        caps = spec.capabilities
+        base_bits = self.tiny_options.get("bits", 4)
+        other = max(b for b in caps.weight_bits if b != base_bits)
+        base_group = self.tiny_options.get("group_size", 32)
+        options = {**self.tiny_options, "bits": {"default": base_bits, "*.mlp.down_proj": other},
+                   "group_size": {"default": base_group, "*.self_attn.o_proj": -1}}
+        model = tiny_model(self.tiny_family)
+        qcore.quantize(model, self.method, calibration=tiny_calibration(model.config.vocab_size), **options)
+        cfg = spec.config_cls.from_options(**options)
+        modules = model.qcore_record["modules"]
+        assert modules
+        for name, meta in modules.items():
+            want = cfg.precision(name)
+            assert (meta["bits"], meta["group_size"]) == (want.bits, want.group_size), name
+        assert {m["bits"] for m in modules.values()} == {base_bits, other}
+        rows = {r["name"]: r for r in describe_checkpoint(qcore.save(model, tmp_path / "ck"))["layers"]}
+        for name, meta in modules.items():
+            assert (rows[name]["bits"], rows[name]["group_size"]) == (meta["bits"], meta["group_size"])
 
     def test_unsupported_options_raise(self) -> None:
         import qcore

@@ -250,14 +250,14 @@ def test_true_sequential_order(monkeypatch: pytest.MonkeyPatch) -> None:
     from qcore.tiny import tiny_model
 
     seen: list[tuple[tuple[str, ...], bool]] = []
-    orig = BlockContext.collect
+    orig = BlockContext.observe
 
-    def spy(self, names, stat):  # noqa: ANN001, ANN202
+    def spy(self, names, stat, **kw):  # noqa: ANN001, ANN202
         if self.index == 0:
             seen.append((tuple(sorted(names)), isinstance(self.linear("self_attn.q_proj"), QuantLinear)))
-        return orig(self, names, stat)
+        return orig(self, names, stat, **kw)
 
-    monkeypatch.setattr(BlockContext, "collect", spy)
+    monkeypatch.setattr(BlockContext, "observe", spy)
     model = tiny_model("llama")
     qcore.quantize(model, "gptq", calibration=_tiny_calib(model), bits=4, group_size=32)
     # one Hessian per distinct input: q/k/v share one, gate/up share one

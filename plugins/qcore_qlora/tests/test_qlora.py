@@ -23,6 +23,12 @@ class TestQLoRAConformance(MethodConformance):
     tiny_options = {"r": 4, "alpha": 8}
     unsupported = [({"quant_type": "int4"}, "quant_type"), ({"r": 0}, "r"),
                    ({"compute_dtype": "int8"}, "compute_dtype"), ({"targets": ["no_such_proj"]}, "targets")]
+    rtn_options = {"bits": 4, "group_size": 64}  # NF4 in blocks of 64
+
+    def is_packed(self, module: nn.Module) -> bool:
+        """A bitsandbytes 4-bit linear, bare or under its LoRA adapter."""
+        bnb = _bnb()
+        return isinstance(getattr(module, "base_layer", module), bnb.nn.Linear4bit)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -203,7 +209,8 @@ def test_adapter_save_load_gives_identical_logits(family: str, tmp_path: Path) -
     with torch.no_grad():
         ref = model(ids).logits
     path = save_adapter(model, tmp_path / "adapter")
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == [".qcore-written.json", "adapter_config.json",
+                                                       "adapter_model.safetensors"]
     assert json.loads((path / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
     torch.manual_seed(123)  # a different LoRA init: loading must overwrite all of it
@@ -249,6 +256,102 @@ def test_load_adapter_refuses_a_mismatched_rank(tmp_path: Path) -> None:
     qcore.quantize(other, "qlora", r=8)
     with pytest.raises(CheckpointError, match="r=4"):
         load_adapter(other, tmp_path / "a")
+
+
+# -- qcore.save / qcore.load ----------------------------------------------------------------------
+def _lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _train_steps(model: nn.Module, steps: int, seed: int) -> None:
+    """A few AdamW steps on the trainable (adapter) weights, on random tokens."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(seed)  # LoRA dropout
+    model.train()
+    for step in range(steps):
+        ids = _ids(model.config.vocab_size, seed=seed * 100 + step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize(("family", "targets"), [("llama", None), ("qwen3_moe", None), ("qwen3", ["q", "down"])])
+def test_checkpoint_round_trip_is_bit_exact(family: str, targets: list[str] | None, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    bnb = _bnb()
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    qcore.quantize(model, "qlora", r=4, alpha=8, **({"targets": targets} if targets else {}))
+    _randomize_lora_b(model)
+    model.eval()
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        ref = model(ids).logits
+    path = qcore.save(model, tmp_path / "ck")
+    assert {p.suffix for p in path.iterdir() if p.is_file()} <= {".json", ".safetensors"}
+    modules = json.loads((path / "config.json").read_text())["quantization_config"]["modules"]
+    four_bit = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}  # bare or base_layer
+    assert {n for n, e in modules.items() if e["type"] == "qlora.lora_linear4bit"} == set(_lora_modules(model))
+    assert {n for n, e in modules.items() if e["type"] == "qlora.linear4bit"} == four_bit
+    if targets:  # some linears are bare 4-bit layers, without an adapter
+        assert any(not n.endswith(".base_layer") for n in four_bit)
+
+    def no_pickle(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.load must never be called")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    loaded = qcore.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    assert set(_lora_modules(loaded)) == set(_lora_modules(model))
+    for name in four_bit:
+        old, new = model.get_submodule(name), loaded.get_submodule(name)
+        assert type(new) is bnb.nn.Linear4bit and isinstance(new.weight, bnb.nn.Params4bit), name
+        assert new.weight.quant_type == "nf4" and new.weight.quant_state.nested and not new.weight.requires_grad
+        assert torch.equal(new.weight.data, old.weight.data) and torch.equal(new.weight.absmax, old.weight.absmax)
+    # the adapters stay trainable, as after qcore.quantize
+    assert ({n for n, p in loaded.named_parameters() if p.requires_grad and "lora_" in n}
+            == {n for n, p in model.named_parameters() if p.requires_grad})
+    again = qcore.load(qcore.save(loaded, tmp_path / "again"))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ref)
+
+
+def test_round_trip_after_finetune_steps_then_training_goes_on_identically(tmp_path: Path) -> None:
+    from qcore_qlora.adapter import adapter_state_dict
+    from qcore_qlora.serialize import restore_peft_state
+
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    qcore.quantize(model, "qlora", r=4, alpha=8)
+    start = _lora_state(model)
+    _train_steps(model, steps=3, seed=1)
+    tuned = _lora_state(model)
+    assert all(not torch.equal(start[n], tuned[n]) for n in start if "lora_B" in n)
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        ref = model(ids).logits
+
+    loaded = qcore.load(qcore.save(model, tmp_path / "ck"))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref)
+    # the model-level peft state is no module's: restore_peft_state sets it (and freezes all but LoRA)
+    restore_peft_state(loaded)
+    assert loaded.is_loaded_in_4bit is True
+    mine, theirs = loaded.peft_config["default"], model.peft_config["default"]
+    assert (mine.r, mine.lora_alpha, mine.lora_dropout, set(mine.target_modules)) == (
+        theirs.r, theirs.lora_alpha, theirs.lora_dropout, set(theirs.target_modules))
+    assert ({n for n, p in loaded.named_parameters() if p.requires_grad}
+            == {n for n, p in model.named_parameters() if p.requires_grad})
+    a, b = adapter_state_dict(model), adapter_state_dict(loaded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    _train_steps(model, steps=2, seed=2)
+    _train_steps(loaded, steps=2, seed=2)
+    after, after_loaded = _lora_state(model), _lora_state(loaded)
+    assert after.keys() == after_loaded.keys() and all(torch.equal(after[n], after_loaded[n]) for n in after)
+    assert any(not torch.equal(after[n], tuned[n]) for n in after)
 
 
 # -- merge ---------------------------------------------------------------------------------------

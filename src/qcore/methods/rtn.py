@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from qcore.plugin.config import WeightQuantConfig
-from qcore.plugin.hookspecs import hookimpl
-from qcore.plugin.spec import Capabilities, MethodSpec
+from qcore.plugin import Capabilities, MethodSpec, WeightQuantConfig, hookimpl
+
+QCORE_API = ">=1,<2"
+"""The qcore.plugin contract versions this plugin is written against."""
 
 
 class RTNConfig(WeightQuantConfig):

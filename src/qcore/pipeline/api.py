@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from qcore.plugin.config import QuantConfig
-from qcore.plugin.errors import CalibrationError, CompatibilityError, ConfigError
+from qcore.plugin.errors import CalibrationError, ConfigError
+from qcore.plugin.protocol import Propagation, Trainer
+from qcore.plugin.spec import MethodSpec
 from qcore.progress import get_logger
 from qcore.registry import get_method
-from qcore.plugin.spec import MethodSpec
 
 log = get_logger("api")
 
@@ -27,7 +28,7 @@ def quantize(
     n_samples: int = 128,
     seq_len: int = 512,
     seed: int = 0,
-    propagate: str = "quantized",
+    propagate: Propagation | None = None,
     device: str | torch.device | None = None,
     check: bool = True,
     **options: Any,
@@ -36,25 +37,25 @@ def quantize(
 
     ``method`` is a name (``"gptq"``) or a chain (``["smoothquant", "gptq"]``: a transform, then
     a weight method, in one pass over the calibration data). Options go to every method in the
-    chain whose config declares them; ``config=`` passes ready config objects instead.
-    ``calibration`` is anything :func:`qcore.data.get_calibration` takes (texts, a file, a
-    ``CalibrationData``, ``None`` for the default corpus); it is used only when a method needs it.
+    chain whose config declares them; ``config=`` passes ready config objects instead (see
+    :func:`qcore.pipeline.chain.resolve_chain`, which ``qcore.check`` uses too). ``calibration``
+    is anything :func:`qcore.data.get_calibration` takes (texts, a file, a ``CalibrationData``,
+    ``None`` for the default corpus); it is used only when a method needs it. ``propagate``:
+    ``"quantized"`` (default) or ``"float"`` inputs for each next block.
     """
-    names = [method] if isinstance(method, str) else list(method)
-    if not names:
-        raise ConfigError("no method given; pass a name such as 'rtn' or a chain such as ['awq', 'gptq']")
-    specs = [get_method(n) for n in names]
-    configs = build_configs(specs, config, options)
-    check_chain(specs)
+    from qcore.pipeline.chain import resolve_chain
+
+    chain = resolve_chain(method, config, options)
     if check:
-        from qcore.compat import check as check_model
+        from qcore.compat import check_chain
 
-        merged = {k: v for cfg in configs for k, v in cfg.model_dump().items() if k != "config_version"}
-        check_model(model, names if len(names) > 1 else names[0], **merged).raise_if_failed()
-
+        check_chain(model, chain).raise_if_failed()
+    else:
+        chain.raise_if_failed()
+    specs, configs = chain.specs, chain.ready_configs()
     calib = None
     if any(s.capabilities.needs_calibration for s in specs):
-        calib = _calibration(model, calibration, tokenizer, n_samples, seq_len, seed, names)
+        calib = _calibration(model, calibration, tokenizer, n_samples, seq_len, seed, chain.names)
 
     quantizers = [spec.load_quantizer()(cfg, spec) for spec, cfg in zip(specs, configs)]
     from qcore.pipeline.engine import run_chain
@@ -63,50 +64,8 @@ def quantize(
     run = run_chain(model, quantizers, calibration=calib, propagate=propagate, device=device)
     elapsed = time.perf_counter() - start
     _attach_record(model, specs, run, elapsed)
-    log.info("quantized with %s in %.1f s", " + ".join(names), elapsed)
+    log.info("quantized with %s in %.1f s", " + ".join(chain.names), elapsed)
     return model
-
-
-def build_configs(specs: list[MethodSpec], config: Any, options: dict[str, Any]) -> list[QuantConfig]:
-    """One config per method, from ready objects or from keyword options."""
-    if config is not None:
-        if options:
-            raise ConfigError(f"pass either config= or options ({', '.join(sorted(options))}), not both")
-        configs = [config] if isinstance(config, QuantConfig) else list(config)
-        if len(configs) != len(specs):
-            raise ConfigError(f"{len(specs)} method(s) but {len(configs)} config(s): give one config per method")
-        for spec, cfg in zip(specs, configs):
-            if not isinstance(cfg, spec.config_cls):
-                raise ConfigError(f"method '{spec.name}' takes a {spec.config_cls.__name__}, "
-                                  f"got {type(cfg).__name__}")
-        return configs
-    if len(specs) == 1:
-        return [specs[0].config_cls.from_options(**options)]
-    used: set[str] = set()
-    configs = []
-    for spec in specs:
-        fields = set(spec.config_cls.option_names())
-        mine = {k: v for k, v in options.items() if k in fields}
-        used |= set(mine)
-        configs.append(spec.config_cls.from_options(**mine))
-    unknown = sorted(set(options) - used)
-    if unknown:
-        valid = {s.name: s.config_cls.option_names() for s in specs}
-        listing = "; ".join(f"{n}: {', '.join(v)}" for n, v in valid.items())
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for chain "
-                          f"{' + '.join(s.name for s in specs)}; valid options: {listing}")
-    return configs
-
-
-def check_chain(specs: list[MethodSpec]) -> None:
-    """Refuse chains whose order the methods do not allow."""
-    for first, second in zip(specs, specs[1:]):
-        if not first.composes_before(second):
-            allowed = ", ".join(first.capabilities.composes_with) or "nothing"
-            raise CompatibilityError(
-                f"'{second.name}' cannot follow '{first.name}' in a chain ('{first.name}' composes with: "
-                f"{allowed}); reorder the chain or quantize with one method"
-            )
 
 
 def _calibration(model: nn.Module, source: Any, tokenizer: Any, n_samples: int, seq_len: int,
@@ -140,11 +99,11 @@ def finetune(model: nn.Module, data: Any, **kwargs: Any) -> Any:
     record = getattr(model, "qcore_record", None) or {}
     for entry in reversed(record.get("chain", [])):
         spec = get_method(entry["method"])
-        if spec.capabilities.kind == "adapter":
-            cls = spec.load_quantizer()
-            if not hasattr(cls, "finetune"):
-                break
-            cfg = spec.config_cls.from_json_dict(entry["config"])
-            return cls(cfg, spec).finetune(model, data, **kwargs)
+        if spec.capabilities.trains:
+            quantizer = spec.load_quantizer()(spec.config_cls.from_json_dict(entry["config"]), spec)
+            if not isinstance(quantizer, Trainer):
+                raise ConfigError(f"method '{spec.name}' declares trains=True but its quantizer has no "
+                                  "finetune(model, data, ...); fix the plugin")
+            return quantizer.finetune(model, data, **kwargs)
     raise ConfigError("finetune needs a model quantized with an adapter method: run "
                       "qcore.quantize(model, 'qlora', ...) first")

@@ -3,13 +3,26 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 if TYPE_CHECKING:
     from qcore.plugin.config import QuantConfig
 
+def load_ref(ref: Any) -> Any:
+    """The object a ``"module:attr.path"`` string names (imported now), or ``ref`` itself."""
+    if not isinstance(ref, str):
+        return ref
+    module, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 Kind = Literal["weight-only", "transform", "reconstruction", "adapter"]
 KINDS: tuple[str, ...] = ("weight-only", "transform", "reconstruction", "adapter")
+WEIGHT_KINDS: tuple[str, ...] = ("weight-only", "reconstruction")
+"""Kinds of methods that quantize weights (a transform before them leaves the weights to them)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +45,14 @@ class Capabilities:
     architectures: tuple[str, ...] = ("*",)
     group_sizes: tuple[int, ...] = (-1, 32, 64, 128)
     notes: tuple[str, ...] = ()
+    chain_options: tuple[tuple[str, str], ...] = ()
+    """(own option, option of the weight method that follows it in a chain): an own option given
+    explicitly also sets the follower's (SmoothQuant's ``w_bits`` is the next method's ``bits``)."""
+
+    @property
+    def quantizes_weights(self) -> bool:
+        """Whether methods of this kind put weights on an integer grid themselves."""
+        return self.kind in WEIGHT_KINDS
 
 
 @dataclass(frozen=True)
@@ -53,15 +74,35 @@ class MethodSpec:
 
     def load_quantizer(self) -> type:
         """Import and return the quantizer class."""
-        if not isinstance(self.quantizer, str):
-            return self.quantizer
-        module, _, attr = self.quantizer.partition(":")
-        obj: Any = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return load_ref(self.quantizer)
 
     def composes_before(self, other: MethodSpec) -> bool:
         """Whether ``other`` may follow this method in a chain."""
         allowed = self.capabilities.composes_with
         return other.name in allowed or f"kind:{other.capabilities.kind}" in allowed
+
+
+ObserverWhere = Literal["input", "output", "grad"]
+
+
+@dataclass(frozen=True)
+class ObserverSpec:
+    """A statistic a method gathers per linear with ``block.observe(names, name)``.
+
+    factory: "module:attr" (imported on first use; may import torch) or the callable itself,
+    called as ``factory(linear, **options)`` once per linear and run; it returns an object with
+    ``update(x, y)`` and ``result()``. ``where`` says what ``update`` receives: ``"input"``: the
+    linear's input ``x`` [tokens, in] (``y`` None); ``"output"``: its input and output
+    [tokens, out]; ``"grad"``: its input and the gradient of the model's loss with respect to its
+    output, during the run's gradient pass (``Needs.gradient_observers``).
+    """
+
+    name: str
+    summary: str
+    factory: str | Callable[..., Any]
+    where: ObserverWhere = "input"
+    plugin: str = field(default="", compare=False)
+
+    def load_factory(self) -> Callable[..., Any]:
+        """Import and return the observer factory."""
+        return load_ref(self.factory)

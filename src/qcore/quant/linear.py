@@ -10,51 +10,28 @@ Buffers (their names and layouts are the on-disk format):
   ``w_hat = (q - qzeros[g]) * scales[g]``;
 * ``g_idx`` int32 ``[in]`` (only with act-order), ``bias`` float32 ``[out]`` (only with bias).
 
-Backends (``QuantLinear.backend`` attribute, or env ``QCORE_QLINEAR_BACKEND`` to force one for
-every layer; ``"auto"`` picks per layer and device):
+Backends (:mod:`qcore.quant.backends`, a registry plugins extend): ``QuantLinear.backend`` names
+one, or env ``QCORE_QLINEAR_BACKEND`` forces one for every layer; ``"auto"`` picks per layer and
+device the first of :func:`qcore.quant.backends.auto_order` whose ``why_not`` is None. A backend's
+run-time pack is built on the first forward and cached (never saved). The buffers the pack holds
+exactly (``holds``: the codes of the int4/int8 kernels, the scales and zeros when they are bf16
+with integer zero points) are then released (placeholders of the same shape backed by one zero
+element) and rebuilt from the pack (``recover``) when the state dict is read, the module is
+moved, or ``release_cache()`` runs: resident memory is the kernel pack, not twice the weight.
+Read buffers through ``state_dict()``, ``codes()``, ``scales_zeros()`` or ``dequantize_weight()``.
 
-==============  =========================================================================
-``int4_native`` CPU with AVX512-BF16 and a C compiler, 1-4 bits, in_features and group
-                multiples of 32 (or per channel): qcore's own kernel (:mod:`qcore.quant.native`;
-                bf16 activations, fp32 accumulation), built once per machine; 2-3x faster
-                than ``int4_cpu`` here. Buffers are released as with ``int4_cpu``.
-``int4_cpu``    CPU, 1-4 bits, group a multiple of 32 (or per channel): torch's packed int4
-                kernel with bf16 activations (2/3-bit codes run as 4-bit codes: the stored
-                format stays 2/3-bit). The kernel pack is built on the first forward and
-                cached (never saved). ``qweight`` (and ``scales``/``qzeros`` when the pack
-                holds them exactly: integer zero points) are then released (placeholders
-                of the same shape backed by one zero element) and rebuilt from the pack when the state dict
-                is read, the module is moved, or ``release_cache()`` runs: resident memory is
-                the kernel pack, not twice the weight. Read buffers through
-                ``state_dict()``, ``codes()``, ``scales_zeros()`` or ``dequantize_weight()``.
-``int8_cpu``    CPU, 8 bits per channel: ``_weight_int8pack_mm`` (bf16 compute); the int8
-                copy replaces ``qweight`` the same way.
-``int4_cuda``   CUDA (compute capability 8.0+), the same layers as ``int4_cpu``: torch's
-                CUDA int4 kernel (bf16) up to ``kernels.INT4_CUDA_MAX_ROWS`` rows, a per-call
-                dequantize + dense matmul above (faster there, no cached dense weight). The
-                packed buffers stay next to the kernel pack.
-``w8a8``        8-bit per-channel weights with dynamic per-token int8 activations
-                (:mod:`qcore.quant.kernels`); on CUDA through ``torch._int_mm``.
-``dense``       everything else (5-7 bits, grouped 8 bits, groups not a multiple of 32,
-                out_features not a multiple of 16, act-order with uneven groups): the
-                weight is dequantized ONCE and cached as a dense tensor in the activation
-                dtype. A fallback: correct and fast, but it saves no memory at run time (the
-                packed buffers stay the saved format); ``release_cache()`` frees it.
-``dense_bf16``  as ``dense`` with a bfloat16 weight and bf16 compute (the int4 kernel's
-                precision, 1.3-2.2x faster than the kernel at thousands of rows): what the
-                calibration engine runs already-quantized layers with (never ``auto``).
-``reference``   dequantize then matmul on EVERY call. Slow; only used when forced (tests).
-==============  =========================================================================
-
-Gradients flow to the input through every backend (weights are frozen buffers); the kernels
-have no autograd formula, so their backward dequantizes the weight on each call.
+Gradients flow to the input through every backend (weights are frozen buffers); a kernel without
+an autograd formula gets a backward that dequantizes the weight on each call.
 
 All backends agree with ``reference`` within :data:`BACKEND_RTOL` (relative Frobenius error of
 the output): the int4/int8 kernels compute in bf16.
 
-Activation quantization (``act``, an :class:`qcore.quant.act.ActQuant`): int8 symmetric with
-8-bit per-channel weights runs the ``w8a8`` integer path; every other combination fake-quantizes
-the input and then runs the weight backend.
+An optional ``input_transform`` child module (e.g. a rotation) is applied to the input first,
+before activation quantization and the matmul: the layer computes ``linear(T(x))``.
+
+Activation quantization (``act``, an :class:`qcore.quant.act.ActQuant`): a backend that
+``quantizes_act`` (``w8a8``: dynamic int8 with 8-bit per-channel weights) quantizes the input
+itself; for every other one the input is fake-quantized first.
 """
 from __future__ import annotations
 
@@ -65,24 +42,28 @@ import torch
 from torch import Tensor, nn
 
 from qcore.plugin.errors import CheckpointError, CompatibilityError
+from qcore.plugin.kernel import KernelBackend
 from qcore.progress import get_logger
-from qcore.quant import kernels
-from qcore.quant.act import ActQuant, fake_quant_act, quantize_act_int8
+from qcore.quant.act import ActQuant, fake_quant_act
+from qcore.quant.backends import auto_order, backends, get_backend
 from qcore.quant.packing import pack_codes, packed_words, unpack_codes
 from qcore.quant.primitives import QuantizedWeight, check_bits, check_group_size, dequantize_codes
 
 log = get_logger("qcore.quant.linear")
 
 BACKEND_ENV = "QCORE_QLINEAR_BACKEND"
-BACKENDS: tuple[str, ...] = ("auto", "int4_native", "int4_cpu", "int4_cuda", "int8_cpu", "w8a8", "dense", "dense_bf16",
-                              "reference")
-KERNEL_BACKENDS: frozenset[str] = frozenset({"int4_native", "int4_cpu", "int4_cuda", "int8_cpu", "w8a8"})
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("w8a8", "int4_native", "int4_cpu", "int8_cpu"), "cuda": ("w8a8", "int4_cuda")}
-"""Kernels ``auto`` tries per device type, in order; ``dense`` when none can run the layer."""
 BACKEND_RTOL = 1e-2
 """Max relative error (Frobenius) of any backend's output against ``reference``."""
 FORMAT = "qcore-int32-lsb-bitstream"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_BUFFERS = {"codes": "qweight", "scales": "scales", "zeros": "qzeros"}
+"""What a kernel pack may hold (:data:`qcore.plugin.kernel.HELD`) -> the buffer it stands in for."""
+_HELD = {buffer: what for what, buffer in _BUFFERS.items()}
+
+
+def backend_names() -> tuple[str, ...]:
+    """What ``QuantLinear.backend`` and ``QCORE_QLINEAR_BACKEND`` take: ``"auto"`` or a backend."""
+    return ("auto", *backends())
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -107,9 +88,9 @@ class QuantLinear(nn.Module):
         self.act = act
         self.scale_dtype = scale_dtype
         self.backend = "auto"
-        """'auto' or one of BACKENDS; the env var QCORE_QLINEAR_BACKEND overrides it."""
+        """'auto' or one of backend_names(); the env var QCORE_QLINEAR_BACKEND overrides it."""
         self.release_qweight = True
-        """Free the packed qweight once a kernel pack (int4/int8) holds the codes (rebuilt on save)."""
+        """Free the buffers a kernel pack holds exactly while it lives (rebuilt on save)."""
         words = packed_words(in_features, bits)
         self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=scale_dtype, device=device))
@@ -122,8 +103,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
         else:
             self.register_buffer("bias", None)
+        self.register_module("input_transform", None)
         self._cache: Any = None
         self._cache_key: tuple | None = None
+        self._cache_backend: KernelBackend | None = None
         self._released: set[str] = set()
         """Buffers replaced by placeholders while a kernel pack holds their content exactly."""
         self._home = torch.device("cpu")
@@ -131,8 +114,9 @@ class QuantLinear(nn.Module):
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None, act: ActQuant | None = None,
-                       scale_dtype: torch.dtype | None = None) -> QuantLinear:
-        """Pack a :class:`QuantizedWeight`.
+                       scale_dtype: torch.dtype | None = None,
+                       input_transform: nn.Module | None = None) -> QuantLinear:
+        """Pack a :class:`QuantizedWeight` (``input_transform``: see the module docstring).
 
         Scales and zeros are stored in bfloat16 for 1-4 bits with integer zero points (the int4
         kernel's own precision, so the kernel pack can stand in for them at run time), else
@@ -157,10 +141,12 @@ class QuantLinear(nn.Module):
             mod.g_idx.copy_(qw.g_idx.to(torch.int32))
         if bias is not None:
             mod.bias.copy_(bias.detach().float())
+        mod.input_transform = input_transform
         return mod
 
     def meta(self) -> dict[str, Any]:
-        """JSON-able description from which :meth:`from_meta` rebuilds an empty module."""
+        """JSON-able description from which :meth:`from_meta` rebuilds an empty module (the
+        ``input_transform`` child is described by its own serializer)."""
         return {
             "format": FORMAT, "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
             "in_features": self.in_features, "out_features": self.out_features,
@@ -194,32 +180,25 @@ class QuantLinear(nn.Module):
     def codes(self) -> Tensor:
         """The uint8 ``[out, in]`` codes."""
         if "qweight" in self._released:
-            return self._recover_codes()
+            return self._recover("codes")
         return unpack_codes(self.qweight, self.bits, self.in_features)
 
     def scales_zeros(self) -> tuple[Tensor, Tensor]:
         """The stored ``(scales, qzeros)`` (rebuilt from the kernel pack while it holds them)."""
-        if "scales" in self._released:
-            return self._recovered("scales"), self._recovered("qzeros")
-        return self.scales, self.qzeros
+        return self._stored("scales"), self._stored("qzeros")
 
-    def _recovered(self, name: str) -> Tensor:
-        if name == "qweight":
-            return pack_codes(self._recover_codes(), self.bits)
-        s, z = self._pack_scales_zeros(self._cache)
-        return (s if name == "scales" else z).to(self.scale_dtype)
+    def _stored(self, name: str) -> Tensor:
+        return self._recovered_buffer(name) if name in self._released else self._buffers[name]
 
-    def _pack_scales_zeros(self, pack: Any) -> tuple[Tensor, Tensor]:
-        if isinstance(pack, kernels.NativeQ4Pack):
-            return kernels.int4_native_scales_zeros(pack)
-        return kernels.int4_cpu_scales_zeros(pack, self.group_size, self.in_features)
+    def _recover(self, what: str) -> Tensor:
+        """``what`` (codes, scales or zeros) from the kernel pack that holds it."""
+        assert self._cache_backend is not None, "only a kernel pack's holdings are released"
+        return self._cache_backend.recover(self._cache, self, what)
 
-    def _recover_codes(self) -> Tensor:
-        if isinstance(self._cache, kernels.NativeQ4Pack):
-            return kernels.recover_int4_native_codes(self._cache, self.out_features, self.in_features)
-        if isinstance(self._cache, kernels.Int4CpuPack):
-            return kernels.recover_int4_cpu_codes(self._cache, self.out_features, self.in_features)
-        return kernels.int8_codes(self._cache)
+    def _recovered_buffer(self, name: str) -> Tensor:
+        """The released buffer ``name`` rebuilt from the kernel pack."""
+        held = self._recover(_HELD[name])
+        return pack_codes(held, self.bits) if name == "qweight" else held
 
     def quantized_weight(self) -> QuantizedWeight:
         scales, zeros = self.scales_zeros()
@@ -242,8 +221,12 @@ class QuantLinear(nn.Module):
     def release_cache(self) -> None:
         """Drop the run-time cache (restoring released buffers first)."""
         self._restore_buffers()
+        self._drop_cache()
+
+    def _drop_cache(self) -> None:
         self._cache = None
         self._cache_key = None
+        self._cache_backend = None
 
     def post_load(self) -> None:
         """Called by :func:`qcore.load` after buffers are assigned: drop stale run-time caches."""
@@ -251,94 +234,48 @@ class QuantLinear(nn.Module):
 
     def _restore_buffers(self) -> None:
         for name in sorted(self._released):
-            self._buffers[name] = self._recovered(name)
+            self._buffers[name] = self._recovered_buffer(name)
         self._released = set()
 
     # -- backend choice ------------------------------------------------------------------------
-    def requested_backend(self) -> str:
-        name = os.environ.get(BACKEND_ENV, "") or self.backend
-        if name not in BACKENDS:
-            raise CompatibilityError(f"unknown QuantLinear backend {name!r}; use one of {BACKENDS}")
-        return name
-
     def why_not(self, backend: str, device: torch.device | None = None) -> str | None:
         """Why ``backend`` cannot run this layer on ``device`` (None when it can)."""
-        device = device or self._device()
-        cpu = device.type == "cpu"
-        if backend in ("dense", "dense_bf16", "reference"):
-            return None
-        if backend == "int4_native":
-            if not cpu:
-                return "int4_native runs on CPU only"
-            return kernels.int4_native_reason(self.in_features, self.out_features, self.bits,
-                                              self.group_size, self.g_idx)
-        if backend == "int4_cpu":
-            if not cpu:
-                return "int4_cpu runs on CPU only"
-            return kernels.int4_cpu_reason(self.in_features, self.out_features, self.bits,
-                                           self.group_size, self.g_idx)
-        if backend == "int4_cuda":
-            return kernels.int4_cuda_reason(self.in_features, self.out_features, self.bits,
-                                            self.group_size, self.g_idx, device)
-        if backend == "int8_cpu":
-            if not cpu:
-                return "int8_cpu runs on CPU only"
-            return kernels.int8_reason(self.bits, self.group_size, self.in_features)
-        if backend == "w8a8":
-            if self.act is None or not self.act.integer_kernel or not self.act.dynamic:
-                return "w8a8 needs act=ActQuant(bits=8, dynamic=True, sym=True)"
-            if not cpu and self.out_features % 8:
-                return "torch._int_mm on CUDA needs out_features a multiple of 8"
-            return kernels.int8_reason(self.bits, self.group_size, self.in_features)
-        return f"unknown backend {backend!r}"
+        return get_backend(backend).why_not(self, device or self._device())
 
     def select_backend(self, device: torch.device | None = None) -> str:
-        """The backend a forward on ``device`` uses."""
-        name = self.requested_backend()
+        """The name of the backend a forward on ``device`` uses."""
+        return self._select(device or self._device()).name
+
+    def _select(self, device: torch.device) -> KernelBackend:
+        name = os.environ.get(BACKEND_ENV, "") or self.backend
         if name != "auto":
-            reason = self.why_not(name, device)
+            backend = get_backend(name)
+            reason = backend.why_not(self, device)
             if reason:
+                able = [b.name for b in backends().values() if b.why_not(self, device) is None]
                 raise CompatibilityError(
                     f"QuantLinear backend {name!r} cannot run {self.extra_repr()}: {reason}; "
-                    f"unset {BACKEND_ENV} / .backend or use 'dense'")
-            return name
-        for cand in AUTO_ORDER.get((device or self._device()).type, ()):
-            if self.why_not(cand, device) is None:
+                    f"unset {BACKEND_ENV} / .backend or use one of: {', '.join(able)}")
+            return backend
+        for cand in auto_order(device.type):
+            if cand.why_not(self, device) is None:
                 return cand
-        return "dense"
+        raise CompatibilityError(f"no QuantLinear backend runs {self.extra_repr()} on {device.type}: "
+                                 f"registered: {', '.join(backends())}")
 
     # -- forward -------------------------------------------------------------------------------
-    def _get_cache(self, backend: str, dtype: torch.dtype, device: torch.device) -> Any:
-        key = (backend, dtype if backend == "dense" else None, device)
+    def _get_cache(self, backend: KernelBackend, dtype: torch.dtype, device: torch.device) -> Any:
+        key = (backend.name, dtype if backend.per_dtype else None, device)
         if self._cache_key == key:
             return self._cache
         # normal tensors even when first built under inference_mode (later autograd use works)
         with torch.inference_mode(False), torch.no_grad():
-            return self._build_cache(backend, dtype, device, key)
-
-    def _build_cache(self, backend: str, dtype: torch.dtype, device: torch.device, key: tuple) -> Any:
-        self.release_cache()
-        if backend == "int4_native":
-            cache = kernels.build_int4_native(self.codes(), self.scales, self.qzeros, self.group_size, self.g_idx)
-        elif backend == "int4_cpu":
-            cache = kernels.build_int4_cpu(self.codes(), self.scales, self.qzeros, self.group_size,
-                                           self.g_idx, self.bits)
-        elif backend == "int4_cuda":
-            cache = kernels.build_int4_cuda(self.codes(), self.scales, self.qzeros, self.group_size,
-                                            self.g_idx, self.bits)
-        elif backend in ("int8_cpu", "w8a8"):
-            cache = kernels.build_int8(self.codes(), self.scales, self.qzeros)
-        else:
-            log.debug("%s: caching a dense %s weight (no run-time memory saving)", self.extra_repr(), dtype)
-            cache = self.dequantize_weight().to(device=device, dtype=dtype)
-        self._cache, self._cache_key = cache, key
-        if backend not in ("dense", "int4_cuda") and self.release_qweight:  # the CUDA pack is not read back
-            self._release("qweight")
-            if backend in ("int4_cpu", "int4_native"):
-                s, z = self._pack_scales_zeros(cache)
-                if torch.equal(s.to(self.scale_dtype), self.scales) and torch.equal(z.to(self.scale_dtype), self.qzeros):
-                    self._release("scales")
-                    self._release("qzeros")
+            self.release_cache()
+            cache = backend.build(self, dtype, device)
+            self._cache, self._cache_key, self._cache_backend = cache, key, backend
+            if self.release_qweight:
+                for what in backend.holds(cache, self):
+                    self._release(_BUFFERS[what])
         return cache
 
     def _release(self, name: str) -> None:
@@ -360,51 +297,34 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        backend = self.select_backend(x.device)
-        if self.act is not None and backend != "w8a8":
+        if self.input_transform is not None:
+            x2 = self.input_transform(x2)
+        backend = self._select(x.device)
+        if self.act is not None and not backend.quantizes_act:
             x2 = fake_quant_act(x2, self.act)
-        if backend in KERNEL_BACKENDS and torch.is_grad_enabled() and x2.requires_grad:
-            y = _KernelWithGrad.apply(x2, self, backend)  # the kernels have no autograd formula
-        elif backend == "reference":
-            y = x2 @ self.dequantize_weight().to(x2.dtype).t()
-        elif backend == "dense":
-            y = x2 @ self._get_cache("dense", x2.dtype, x2.device).t()
-        elif backend == "dense_bf16":
-            y = (x2.to(torch.bfloat16) @ self._get_cache("dense", torch.bfloat16, x2.device).t()).to(x2.dtype)
+        if not backend.autograd and torch.is_grad_enabled() and x2.requires_grad:
+            y = _KernelWithGrad.apply(x2, self, backend)  # the kernel has no autograd formula
         else:
-            y = self._kernel_mm(x2, backend)
+            y = self._mm(x2, backend)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def _kernel_mm(self, x2: Tensor, backend: str) -> Tensor:
-        cache = self._get_cache(backend, x2.dtype, x2.device)
-        if backend == "int4_native":
-            return kernels.int4_native_mm(x2, cache)
-        if backend == "int4_cpu":
-            return kernels.int4_cpu_mm(x2, cache)
-        if backend == "int4_cuda":
-            if x2.shape[0] > kernels.INT4_CUDA_MAX_ROWS:  # prefill-sized: dequantize per call
-                return x2 @ self.dequantize_weight().to(x2.dtype).t()
-            return kernels.int4_cuda_mm(x2, cache)
-        if backend == "int8_cpu":
-            return kernels.int8_weight_mm(x2, cache)
-        xq, sx = quantize_act_int8(x2)
-        return kernels.w8a8_mm(xq, sx, cache, x2.dtype)
+    def _mm(self, x2: Tensor, backend: KernelBackend) -> Tensor:
+        return backend.mm(x2, self._get_cache(backend, x2.dtype, x2.device), self)
 
     # -- state dict / device moves keep the packed format authoritative --------------------------
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name in self._released:
-            destination[prefix + name] = self._recovered(name)
+            destination[prefix + name] = self._recovered_buffer(name)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         if self._released:  # full-size placeholders for a copying (non-assign) load
             for name in self._released:
                 self._buffers[name] = torch.empty_like(self._buffers[name], device=self._home)
             self._released = set()
-        self._cache = None
-        self._cache_key = None
+        self._drop_cache()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
@@ -430,10 +350,10 @@ class _KernelWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, mod: QuantLinear, backend: str) -> Tensor:  # noqa: ANN401
+    def forward(ctx: Any, x: Tensor, mod: QuantLinear, backend: KernelBackend) -> Tensor:  # noqa: ANN401
         ctx.mod = mod
         with torch.no_grad():
-            return mod._kernel_mm(x, backend)
+            return mod._mm(x, backend)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:

@@ -23,12 +23,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from qcore.checkpoint.atomic import atomic_file
 from qcore.progress import get_logger
 
 log = get_logger("qcore.quant.native")
@@ -76,18 +76,12 @@ def _build(cc: str) -> Path:
     lib = out_dir / f"q4_avx512-{key.hexdigest()[:16]}.so"
     if lib.exists():
         return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
     log.info("compiling qcore's CPU kernel into %s (once)", lib)
-    fd, tmp = tempfile.mkstemp(prefix=lib.name + ".", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+    with atomic_file(lib, mode=0o777) as tmp:  # a shared library: executable, like the compiler's output
+        proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
+                              timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return lib
 
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from qcore.plugin.config import WeightQuantConfig
+from qcore.plugin import WeightQuantConfig
 
 #: Roles whose weights the clip search leaves alone: errors in q and k are amplified by the
 #: attention softmax, which a per-linear output error does not see (as in the reference method).

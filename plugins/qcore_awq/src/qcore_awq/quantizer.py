@@ -29,25 +29,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from qcore.plugin.errors import CalibrationError
-from qcore.progress import get_logger
-from qcore.plugin.protocol import BaseQuantizer
 from qcore.arch.fold import fold_scale_group, group_tie
-from qcore_awq.search import activation_mean, apply_clip, scaled_fake_quant, search_clip, search_scale, weight_mean
+from qcore.plugin import BaseQuantizer, BlockContext, CalibrationError
+from qcore.progress import get_logger
+from qcore_awq.search import apply_clip, scaled_fake_quant, search_clip, search_scale, weight_mean
 
 if TYPE_CHECKING:
-    from qcore.pipeline.engine import BlockContext
     from qcore_awq.config import AWQConfig
 
 log = get_logger("qcore.awq")
-
-#: Kinds of later chain methods that quantize the weights themselves (AWQ then leaves them float).
-WEIGHT_KINDS: tuple[str, ...] = ("weight-only", "reconstruction")
-#: Kwargs of a captured call that must not be replayed (KV caches would grow on every replay).
-DROP_KWARGS: tuple[str, ...] = ("past_key_value", "past_key_values")
-#: Relative tolerance of the numerical check of a norm fold.
 
 
 def common_prefix(names: list[str]) -> str:
@@ -61,13 +53,6 @@ def common_prefix(names: list[str]) -> str:
             break
         out.append(level[0])
     return ".".join(out)
-
-
-def first_tensor(out: Any) -> Tensor:
-    """The hidden-state output of a module that may return a tuple."""
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
 
 
 class AWQQuantizer(BaseQuantizer):
@@ -86,14 +71,14 @@ class AWQQuantizer(BaseQuantizer):
                                    "CalibrationData) and a tokenizer to qcore.quantize")
         cfg = self.config
         t0 = time.perf_counter()
-        names = self._quantizable(block)
+        names = block.quantizable(cfg)
         groups = self.scale_block(block, names)
         t1 = time.perf_counter()
         rec: dict[str, Any] = {"block": block.index, "groups": groups, "scale_search_s": round(t1 - t0, 3)}
         if self.fold_only:
             self.blocks.append(rec)
             return
-        defer = any(k in WEIGHT_KINDS for k in block.run.later_kinds())
+        defer = block.leave_weights_to_later()
         clip = (not defer) if cfg.clip_search is None else cfg.clip_search
         shrinks = self.clip_block(block, names) if clip else {}
         t2 = time.perf_counter()
@@ -111,16 +96,12 @@ class AWQQuantizer(BaseQuantizer):
         return {"search_seconds_total": round(total, 3), "blocks": self.blocks}
 
     # -- steps ---------------------------------------------------------------------------------
-    def _quantizable(self, block: BlockContext) -> list[str]:
-        if hasattr(block, "quantizable"):
-            return list(block.quantizable(self.config))
-        return [n for n, li in block.info.linears.items() if li.role != "router"]
-
-    def _fake_quant(self) -> Callable[[Tensor], Tensor]:
+    def _fake_quant(self, block: BlockContext, name: str) -> Callable[[Tensor], Tensor]:
+        """RTN quantize-dequantize at linear ``name``'s precision."""
         from qcore.quant.primitives import quantize_rtn
 
-        cfg = self.config
-        return lambda w: quantize_rtn(w, cfg.bits, cfg.group_size, cfg.sym).dequantize()
+        p = block.precision(name, self.config)
+        return lambda w: quantize_rtn(w, p.bits, p.group_size, p.sym).dequantize()
 
     def scale_block(self, block: BlockContext, quantizable: list[str]) -> list[dict[str, Any]]:
         """Search and fold every scale group of the block; returns one record per group."""
@@ -148,28 +129,27 @@ class AWQQuantizer(BaseQuantizer):
 
     def _scale_group(self, block: BlockContext, group: Any, quantizable: list[str]) -> dict[str, Any]:
         cfg = self.config
-        root = block.module
         targets = [n for n in group.linears if n in quantizable]
         if not targets:
             return {"status": "skipped: no linear of the group is quantized"}
         span = "" if cfg.search_output == "block" else common_prefix(list(group.linears))
-        module = root if span == "" else root.get_submodule(span)
-        calls, stats = self._capture(block, module if span else None, list(group.linears))
-        best = max(stats.values(), key=lambda st: st[1])
-        if best[1] == 0:
+        calls = block.module_calls(span) if span else []
+        x_mean = self._input_mean(block, group)
+        if x_mean is None:
             return {"status": "skipped: no calibration token reaches this group"}
         linears = {n: block.linear(n) for n in group.linears}
         originals = {n: linears[n].weight.detach().clone() for n in targets}
+        sizes = [block.precision(n, cfg).group_size for n in targets]
         # under GQA (v -> o) both means are averaged over the query heads sharing a kv head,
         # so every scale s = x^a / w^(1-a) is tied and folds into v exactly
-        x_mean = group_tie(group, best[0] / best[1])
-        w_mean = group_tie(group, weight_mean([originals[n] for n in targets], cfg.group_size))
-        fq = self._fake_quant()
+        x_mean = group_tie(group, x_mean)
+        w_mean = group_tie(group, weight_mean([originals[n] for n in targets], sizes))
+        fq = {n: self._fake_quant(block, n) for n in targets}
 
         def run() -> list[Tensor]:
             if span == "":
                 return [o.float() for o in block.forward()]
-            return [first_tensor(module(*a, **k)).float() for a, k in calls]
+            return [o.float() for o in block.call_module(span, calls)]
 
         with torch.no_grad():
             ref = run()
@@ -178,7 +158,7 @@ class AWQQuantizer(BaseQuantizer):
             def loss(s: Tensor) -> float:
                 for n in targets:
                     w = originals[n]
-                    linears[n].weight.data = scaled_fake_quant(w.float(), s, fq).to(w.dtype)
+                    linears[n].weight.data = scaled_fake_quant(w.float(), s, fq[n]).to(w.dtype)
                 try:
                     outs = run()
                 finally:
@@ -196,31 +176,15 @@ class AWQQuantizer(BaseQuantizer):
         rec["status"] = "scaled" if why is None else f"skipped: {why}"
         return rec
 
-    def _capture(self, block: BlockContext, module: nn.Module | None, linears: list[str]
-                 ) -> tuple[list[tuple[tuple, dict]], dict[str, list]]:
-        """Run the block once; keep ``module``'s call args and each linear's sum|x| and token count."""
-        calls: list[tuple[tuple, dict]] = []
-        stats: dict[str, list] = {n: [0.0, 0] for n in linears}
-        handles = []
-        if module is not None:
-            def keep(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-                kw = {k: (None if k in DROP_KWARGS else v) for k, v in kwargs.items()}
-                calls.append((args, kw))
-            handles.append(module.register_forward_pre_hook(keep, with_kwargs=True))
-        for n in linears:
-            def acc(_m: nn.Module, args: tuple, n: str = n) -> None:
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                if x.shape[0]:
-                    stats[n][0] = stats[n][0] + x.abs().sum(0)
-                    stats[n][1] += x.shape[0]
-            handles.append(block.linear(n).register_forward_pre_hook(acc))
-        try:
-            with torch.no_grad():
-                block.forward()
-        finally:
-            for h in handles:
-                h.remove()
-        return calls, stats
+    @staticmethod
+    def _input_mean(block: BlockContext, group: Any) -> Tensor | None:
+        """Mean |x| of the group's input, from the linear that sees the most tokens (an MoE
+        group's router sees them all); None when no calibration token reaches the group."""
+        means = block.observe(list(group.linears), "absmean")
+        roles = {n: block.info.linears[n].role for n in group.linears}
+        first = next((n for n in group.linears if roles[n] == "router"), group.linears[0])
+        mean = means[first]
+        return None if not bool(mean.any()) else mean
 
     def fold(self, block: BlockContext, group: Any, s: Tensor) -> str | None:
         """Divide the group's producer by ``s`` and scale its linears' columns by ``s`` (exactly).
@@ -237,47 +201,34 @@ class AWQQuantizer(BaseQuantizer):
             return {}
         n_batches = max(1, len(block.inputs or []))
         per_batch = max(1, -(-cfg.n_clip_samples // n_batches))
-        samples: dict[str, list[Tensor]] = {n: [] for n in todo}
-        gen = torch.Generator().manual_seed(block.index)
-        handles = []
-        for n in todo:
-            def keep(_m: nn.Module, args: tuple, n: str = n) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1])
-                if x.shape[0] > per_batch:
-                    x = x[torch.randperm(x.shape[0], generator=gen)[:per_batch].to(x.device)]
-                samples[n].append(x.float().cpu())
-            handles.append(block.linear(n).register_forward_pre_hook(keep))
-        try:
-            with torch.no_grad():
-                block.forward()
-        finally:
-            for h in handles:
-                h.remove()
-        fq = self._fake_quant()
+        samples = block.observe(todo, "inputs", stop_early=False, max_rows=per_batch,
+                                generator=torch.Generator().manual_seed(block.index), device="cpu")
         shrinks = {}
         for n in todo:
             if not samples[n] or sum(x.shape[0] for x in samples[n]) == 0:
                 continue
             x = torch.cat(samples[n])[: cfg.n_clip_samples]
             w = block.linear(n).weight.detach().float().cpu()
-            shrinks[n], _ = search_clip(w, x, cfg.group_size, cfg.sym, fq, cfg.clip_grid, cfg.clip_max_shrink)
+            p = block.precision(n, cfg)
+            shrinks[n], _ = search_clip(w, x, p.group_size, p.sym, self._fake_quant(block, n), cfg.clip_grid,
+                                        cfg.clip_max_shrink)
         return shrinks
 
     def finish_block(self, block: BlockContext, names: list[str], shrinks: dict[str, Tensor], defer: bool) -> None:
         """RTN with the searched clip, or (a weight method follows) clamp in float and hand over."""
         from qcore.quant.primitives import quantize_rtn
 
-        cfg = self.config
         for n in names:
             lin = block.linear(n)
             shrink = shrinks.get(n)
+            p = block.precision(n, self.config)
             if defer:
                 if shrink is not None:
                     w = lin.weight.data
-                    lin.weight.data = apply_clip(w.float(), shrink.to(w.device), cfg.group_size, cfg.sym).to(w.dtype)
+                    lin.weight.data = apply_clip(w.float(), shrink.to(w.device), p.group_size, p.sym).to(w.dtype)
                 continue
             w = lin.weight.detach().float()
             clip = 1.0 if shrink is None else shrink.to(w.device)
-            block.quantize_linear(n, quantize_rtn(w, cfg.bits, cfg.group_size, cfg.sym, clip=clip))
+            block.quantize_linear(n, quantize_rtn(w, p.bits, p.group_size, p.sym, clip=clip))
 
 

@@ -35,20 +35,23 @@ def activation_mean(x: Tensor) -> Tensor:
     return x.detach().float().abs().reshape(-1, x.shape[-1]).mean(0)
 
 
-def weight_mean(weights: Sequence[Tensor], group_size: int) -> Tensor:
+def weight_mean(weights: Sequence[Tensor], group_size: int | Sequence[int]) -> Tensor:
     """Mean over output rows of |w| normalized by its group's absmax: -> float32 [in].
 
-    ``weights`` are the [out, in] weights of one scale group (concatenated along the rows);
-    ``group_size`` -1 means one group per row.
+    ``weights`` are the [out, in] weights of one scale group (their rows pooled);
+    ``group_size`` (one for all, or one per weight) -1 means one group per row.
     """
-    w = torch.cat([wi.detach().float() for wi in weights], dim=0)
-    rows, cols = w.shape
-    gs = cols if group_size == -1 else group_size
-    if cols % gs:
-        raise ValueError(f"group_size {gs} does not divide in_features {cols}")
-    grouped = w.abs().reshape(rows, cols // gs, gs)
-    grouped = grouped / grouped.amax(dim=-1, keepdim=True).clamp_min(1e-12)
-    return grouped.reshape(rows, cols).mean(0)
+    sizes = [group_size] * len(weights) if isinstance(group_size, int) else list(group_size)
+    normed = []
+    for wi, size in zip(weights, sizes):
+        w = wi.detach().float()
+        rows, cols = w.shape
+        gs = cols if size == -1 else size
+        if cols % gs:
+            raise ValueError(f"group_size {gs} does not divide in_features {cols}")
+        grouped = w.abs().reshape(rows, cols // gs, gs)
+        normed.append((grouped / grouped.amax(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(rows, cols))
+    return torch.cat(normed, dim=0).mean(0)
 
 
 def awq_scales(x_mean: Tensor, w_mean: Tensor | None, alpha: float, duo_scaling: bool = True) -> Tensor:

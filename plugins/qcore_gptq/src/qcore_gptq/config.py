@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pydantic import field_validator
 
-from qcore.plugin.config import WeightQuantConfig
+from qcore.plugin import PerLayer, WeightQuantConfig, allowed, check_per_layer
+
+GPTQ_BITS: tuple[int, ...] = (2, 3, 4, 8)
 
 
 class GPTQConfig(WeightQuantConfig):
@@ -50,10 +52,8 @@ class GPTQConfig(WeightQuantConfig):
 
     @field_validator("bits")
     @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in (2, 3, 4, 8):
-            raise ValueError("bits must be one of 2, 3, 4 or 8")
-        return v
+    def _bits(cls, v: PerLayer) -> PerLayer:
+        return check_per_layer(v, allowed(GPTQ_BITS), "bits must be one of 2, 3, 4 or 8")
 
     @field_validator("min_expert_tokens", "max_damp_retries")
     @classmethod

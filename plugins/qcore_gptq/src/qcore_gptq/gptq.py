@@ -176,7 +176,6 @@ def gptq_quantize(
         h[idx, idx] = 1.0
         w[:, dead] = 0.0
 
-    maxq = 2**bits - 1
     gs = in_f if group_size == -1 else group_size
     n_groups = in_f // gs
 

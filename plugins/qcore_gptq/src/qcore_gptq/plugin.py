@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from qcore.plugin.hookspecs import hookimpl
-from qcore.plugin.spec import Capabilities, MethodSpec
+from qcore.plugin import Capabilities, MethodSpec, hookimpl
 from qcore_gptq.config import GPTQConfig
+
+QCORE_API = ">=1,<2"
+"""The qcore.plugin contract versions this plugin is written against."""
 
 SPEC = MethodSpec(
     name="gptq",

@@ -1,17 +1,15 @@
 """GPTQ quantizer: the glue between :mod:`qcore_gptq.gptq` and the core's block engine."""
 from __future__ import annotations
 
-import fnmatch
 import time
 from typing import TYPE_CHECKING, Any
 
+from qcore.plugin import BaseQuantizer, BlockContext
 from qcore.progress import get_logger
-from qcore.plugin.protocol import BaseQuantizer
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from qcore.pipeline.engine import BlockContext
     from qcore_gptq.config import GPTQConfig
 
 log = get_logger("qcore_gptq")
@@ -32,7 +30,7 @@ class GPTQQuantizer(BaseQuantizer):
 
     def process_block(self, block: BlockContext) -> None:
         start = time.perf_counter()
-        names = self._quantizable(block)
+        names = block.quantizable(self.config)
         if not names:
             return
         if self.config.true_sequential:
@@ -46,40 +44,35 @@ class GPTQQuantizer(BaseQuantizer):
         for subset in subsets:
             # linears that read the same tensor (q/k/v, gate/up) share one Hessian
             reps = {n: next((m for m in subset if shared.get(m, m) == shared.get(n, n)), n) for n in subset}
-            stats = block.collect(sorted(set(reps.values()), key=subset.index), "hessian")
+            stats = block.observe(sorted(set(reps.values()), key=subset.index), "hessian")
             for name in subset:
-                hessian, nsamples = _unpack(stats[reps[name]])
-                self._quantize_one(block, name, hessian, nsamples)
+                stat = stats[reps[name]]
+                self._quantize_one(block, name, stat["hessian"], int(stat["nsamples"]))
             del stats
         self.seconds += time.perf_counter() - start
 
-    def _quantizable(self, block: BlockContext) -> list[str]:
-        if hasattr(block, "quantizable"):
-            return list(block.quantizable(self.config))
-        return [n for n in block.info.linears
-                if not any(fnmatch.fnmatch(f"{block.name}.{n}", p) for p in self.config.ignore)]
-
-    def _quantize_one(self, block: BlockContext, name: str, hessian: Tensor | None, nsamples: int) -> None:
+    def _quantize_one(self, block: BlockContext, name: str, hessian: Tensor, nsamples: int) -> None:
         from qcore.quant.primitives import quantize_rtn
         from qcore_gptq.gptq import gptq_quantize
 
         cfg = self.config
+        p = block.precision(name, cfg)
         full = f"{block.name}.{name}"
         weight = block.linear(name).weight.detach().float()
         info = block.info.linears.get(name)
         is_expert = info is not None and getattr(info, "expert", None) is not None
         entry: dict[str, Any] = {"nsamples": int(nsamples)}
         too_few = nsamples < cfg.min_expert_tokens if is_expert else nsamples == 0
-        if hessian is None or too_few:
+        if too_few:
             reason = (f"expert saw {nsamples} calibration tokens (< min_expert_tokens={cfg.min_expert_tokens})"
                       if is_expert else "no calibration inputs reached it")
             log.warning("gptq: %s falls back to RTN: %s", full, reason)
-            qw = quantize_rtn(weight, cfg.bits, cfg.group_size, cfg.sym)
+            qw = quantize_rtn(weight, p.bits, p.group_size, p.sym)
             entry["fallback"] = f"rtn: {reason}"
             self.rtn_fallback.append(full)
         else:
             qw, stats = gptq_quantize(
-                weight, hessian.to(weight.device), cfg.bits, cfg.group_size, cfg.sym,
+                weight, hessian.to(weight.device), p.bits, p.group_size, p.sym,
                 damp_percent=cfg.damp_percent, block_size=cfg.block_size, desc_act=cfg.desc_act,
                 static_groups=cfg.static_groups, mse_clip=cfg.mse_clip,
                 max_damp_retries=cfg.max_damp_retries, name=full,
@@ -101,19 +94,10 @@ def shared_inputs(block: BlockContext) -> dict[str, str]:
     see different (routed) tokens, so the expert index is part of the key.
     """
     keys: dict[str, str] = {}
-    for gi, group in enumerate(getattr(block.info, "scale_groups", None) or []):
+    for gi, group in enumerate(block.info.scale_groups):
         for name in group.linears:
             info = block.info.linears.get(name)
             if info is None:
                 continue
-            keys[name] = f"{gi}:{getattr(info, 'expert', None)}"
+            keys[name] = f"{gi}:{info.expert}"
     return keys
-
-
-def _unpack(stat: Any) -> tuple[Tensor | None, int]:
-    """(hessian, nsamples) from what ``block.collect(..., "hessian")`` returns for one linear."""
-    if isinstance(stat, dict):
-        return stat.get("hessian"), int(stat.get("nsamples", 0))
-    if isinstance(stat, tuple):
-        return stat[0], int(stat[1])
-    return stat, 1 if stat is not None else 0

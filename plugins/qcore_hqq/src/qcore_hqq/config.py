@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import field_validator
 
-from qcore.plugin.config import WeightQuantConfig
+from qcore.plugin import PerLayer, WeightQuantConfig, allowed, check_per_layer, layer_value
 
 HQQ_BITS: tuple[int, ...] = (1, 2, 3, 4, 8)
 AUTO_SCALE_MAX_BITS = 2
@@ -33,7 +33,7 @@ class HQQConfig(WeightQuantConfig):
     """
 
     method = "hqq"
-    group_size: int = 64
+    group_size: PerLayer = 64
     lp_norm: float = 0.7
     beta: float = 10.0
     kappa: float = 1.01
@@ -43,20 +43,21 @@ class HQQConfig(WeightQuantConfig):
     round_zero: bool | None = None
     axis: int = 1
 
-    def scale_optimized(self) -> bool:
-        """Whether the scale is refit (``optimize_scale``, or its per-bits default when None)."""
-        return self.optimize_scale if self.optimize_scale is not None else self.bits <= AUTO_SCALE_MAX_BITS
+    def scale_optimized(self, bits: int | None = None) -> bool:
+        """Whether the scale is refit at ``bits`` (default: the config's default width):
+        ``optimize_scale``, or its per-bits default when None."""
+        b = layer_value(self.bits, "") if bits is None else bits
+        return self.optimize_scale if self.optimize_scale is not None else b <= AUTO_SCALE_MAX_BITS
 
-    def zero_rounded(self) -> bool:
-        """Whether the starting zero point is rounded (``round_zero``, or its per-bits default)."""
-        return self.round_zero if self.round_zero is not None else self.bits <= AUTO_ROUND_ZERO_MAX_BITS
+    def zero_rounded(self, bits: int | None = None) -> bool:
+        """Whether the starting zero point is rounded at ``bits`` (``round_zero``, or its per-bits default)."""
+        b = layer_value(self.bits, "") if bits is None else bits
+        return self.round_zero if self.round_zero is not None else b <= AUTO_ROUND_ZERO_MAX_BITS
 
     @field_validator("bits")
     @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in HQQ_BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, HQQ_BITS))}")
-        return v
+    def _bits(cls, v: PerLayer) -> PerLayer:
+        return check_per_layer(v, allowed(HQQ_BITS), f"bits must be one of {', '.join(map(str, HQQ_BITS))}")
 
     @field_validator("sym")
     @classmethod

@@ -4,11 +4,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from qcore.plugin import BaseQuantizer, BlockContext
 from qcore.progress import get_logger
-from qcore.plugin.protocol import BaseQuantizer
 
 if TYPE_CHECKING:
-    from qcore.pipeline.engine import BlockContext
     from qcore_hqq.config import HQQConfig
 
 log = get_logger("qcore_hqq")
@@ -34,11 +33,12 @@ class HQQQuantizer(BaseQuantizer):
         start = time.perf_counter()
         with no_grad():
             for name in block.quantizable(cfg):
+                p = block.precision(name, cfg)
                 weight = block.linear(name).weight.detach().float()
                 qw, stats = quantize_hqq(
-                    weight, cfg.bits, cfg.group_size, lp_norm=cfg.lp_norm, beta=cfg.beta,
+                    weight, p.bits, p.group_size, lp_norm=cfg.lp_norm, beta=cfg.beta,
                     kappa=cfg.kappa, iters=cfg.iters, early_stop=cfg.early_stop,
-                    optimize_scale=cfg.scale_optimized(), round_zero=cfg.zero_rounded(),
+                    optimize_scale=cfg.scale_optimized(p.bits), round_zero=cfg.zero_rounded(p.bits),
                 )
                 block.quantize_linear(name, qw)
                 self.layers[f"{block.name}.{name}"] = stats.as_dict()

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from torch import nn
 
-from qcore.plugin.errors import CheckpointError
+from qcore.plugin import CheckpointError
 
 from qcore_qlora.quantizer import ADAPTER_NAME, exact_targets
+from qcore_qlora.serialize import restore_peft_state
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -24,6 +24,7 @@ def adapter_state_dict(model: nn.Module) -> dict:
     """The adapter tensors with peft's key names (no adapter name, ``base_model.model.`` prefix)."""
     from peft import get_peft_model_state_dict
 
+    restore_peft_state(model)  # a model from qcore.load carries its LoRA layers but not peft's config
     if not hasattr(model, "peft_config"):
         raise CheckpointError("this model has no LoRA adapter to save; quantize it with "
                               "qcore.quantize(model, 'qlora', ...) first")
@@ -32,29 +33,17 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the adapter to ``path`` in peft's format, atomically (temp dir, then rename)."""
+    """Write the adapter to ``path`` in peft's format, atomically (:func:`qcore.checkpoint.atomic_dir`:
+    an earlier adapter qcore wrote there is replaced, any other folder is refused)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = model.peft_config[ADAPTER_NAME]
-    config.save_pretrained(str(tmp))
-    _replace_dir(tmp, path)
-    return path
+    from qcore.checkpoint import atomic_dir
 
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    state = adapter_state_dict(model)
+    with atomic_dir(path, overwrite=True, kind="LoRA adapter") as tmp:
+        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        model.peft_config[ADAPTER_NAME].save_pretrained(str(tmp))
+    return Path(path)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -82,6 +71,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     from peft import set_peft_model_state_dict
 
     config, tensors = read_adapter(path)
+    restore_peft_state(model)
     if not hasattr(model, "peft_config"):
         raise CheckpointError("the model has no LoRA layers to load into; quantize it with "
                               "qcore.quantize(model, 'qlora', r=..., targets=...) first")

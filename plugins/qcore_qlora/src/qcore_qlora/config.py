@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
-from qcore.plugin.config import QuantConfig
+from qcore.plugin import QuantConfig
 
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")

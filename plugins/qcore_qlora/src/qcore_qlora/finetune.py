@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qcore.plugin.errors import CalibrationError, CheckpointError, ConfigError
+from qcore.plugin import CalibrationError, CheckpointError, ConfigError
 from qcore.progress import bar, get_logger
 
 from qcore_qlora.adapter import load_adapter, save_adapter
+from qcore_qlora.serialize import restore_peft_state
 
 log = get_logger("qlora")
 
@@ -193,21 +194,18 @@ def save_checkpoint(output_dir: str | os.PathLike, model: nn.Module, optimizer: 
     """Write ``checkpoints/step-N`` atomically and drop all but the newest ``keep``."""
     from safetensors.torch import save_file
 
-    root = Path(output_dir) / CHECKPOINTS
-    final = root / f"step-{state['step']:06d}"
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp / FINAL_ADAPTER)
+    from qcore.checkpoint import atomic_dir, write_json
+
+    final = Path(output_dir) / CHECKPOINTS / f"step-{state['step']:06d}"
     opt_tensors, opt_meta = optimizer_state_to_safetensors(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
-    save_file(rng_state(), str(tmp / RNG_FILE))
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     doc = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state,
            "optimizer": opt_meta, "scheduler": sched}
-    (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final, overwrite=True, kind="fine-tuning checkpoint") as tmp:
+        save_adapter(model, tmp / FINAL_ADAPTER)
+        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        save_file(rng_state(), str(tmp / RNG_FILE))
+        write_json(tmp / STATE_FILE, doc)
     for old in checkpoint_dirs(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -334,6 +332,7 @@ def finetune(
     if tokenizer is None:
         raise ConfigError("finetune needs the model's tokenizer: pass tokenizer=... "
                           "(qcore.models.load_model returns it)")
+    restore_peft_state(model)  # a model from qcore.load carries its LoRA layers but not peft's config
     if not hasattr(model, "peft_config"):
         raise ConfigError("finetune needs a model with LoRA adapters: run qcore.quantize(model, 'qlora', ...) first")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
@@ -442,7 +441,9 @@ def finetune(
         _then(result, model, tokenizer, then, then_options, train_text, eval_text, seq_len, eval_max_tokens, out)
     result.seconds = round(time.perf_counter() - start_time, 3)
     if out is not None:
-        (out / RESULT_FILE).write_text(json.dumps(result.to_json_dict(), indent=1), encoding="utf-8")
+        from qcore.checkpoint import write_json
+
+        write_json(out / RESULT_FILE, result.to_json_dict())
     return result
 
 
@@ -458,12 +459,12 @@ def _then(result: FinetuneResult, model: nn.Module, tokenizer: Any, then: str, t
     path = out / f"merged-{then}" if out is not None else None
     if then == "float":
         if path is not None:
-            merged.save_pretrained(str(path))
-            if hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(str(path))
+            from qcore.models import save_float
+
+            save_float(merged, path, tokenizer if hasattr(tokenizer, "save_pretrained") else None)
         result.then_perplexity = result.merged_perplexity
     else:
-        from qcore.pipeline.api import quantize
+        from qcore import quantize
         from qcore.data import tokenize_text
 
         opts = dict(then_options)
@@ -478,7 +479,7 @@ def _then(result: FinetuneResult, model: nn.Module, tokenizer: Any, then: str, t
         if eval_text:
             result.then_perplexity = heldout_perplexity(merged, tokenizer, eval_text, seq_len, eval_max_tokens)
         if path is not None:
-            from qcore.io import save
+            from qcore.checkpoint import save
 
             save(merged, path, tokenizer=tokenizer)
     result.then_path = str(path) if path is not None else None

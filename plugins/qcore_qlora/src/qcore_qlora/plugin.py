@@ -1,12 +1,15 @@
-"""Registers the ``qlora`` method. No torch import (the quantizer is imported lazily)."""
+"""Registers the ``qlora`` method and its checkpoint serializers. No torch import (the quantizer and
+the serializers are imported lazily)."""
 from __future__ import annotations
 
 from typing import Callable
 
-from qcore.plugin.hookspecs import hookimpl
-from qcore.plugin.spec import Capabilities, MethodSpec
+from qcore.plugin import Capabilities, MethodSpec, ModuleSerializer, hookimpl
 
 from qcore_qlora.config import QLoRAConfig
+
+QCORE_API = ">=1,<2"
+"""The qcore.plugin contract versions this plugin is written against."""
 
 SPEC = MethodSpec(
     name="qlora",
@@ -31,3 +34,13 @@ SPEC = MethodSpec(
 @hookimpl
 def qcore_register_methods(register: Callable[[MethodSpec], None]) -> None:
     register(SPEC)
+
+
+@hookimpl
+def qcore_register_serializers(register: Callable[[ModuleSerializer], None]) -> None:
+    """The 4-bit base linear and its LoRA wrapper, so that ``qcore.save`` / ``qcore.load`` round-trip
+    a QLoRA model (implementation imported here: it needs torch)."""
+    from qcore_qlora.serialize import Linear4bitSerializer, LoraLinear4bitSerializer
+
+    register(Linear4bitSerializer())
+    register(LoraLinear4bitSerializer())

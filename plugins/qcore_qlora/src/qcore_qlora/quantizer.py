@@ -15,14 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from qcore.plugin.errors import CompatibilityError, ConfigError
+from qcore.plugin import BaseQuantizer, CompatibilityError, ConfigError, RunContext
 from qcore.progress import get_logger
-from qcore.plugin.protocol import BaseQuantizer
 
 from qcore_qlora.config import QLoRAConfig
 
 if TYPE_CHECKING:
-    from qcore.pipeline.engine import RunContext
     from qcore.arch.introspect import ModelInfo
 
 log = get_logger("qlora")
@@ -148,7 +146,7 @@ def exact_targets() -> Iterator[None]:
 
     peft >= 0.18 maps transformers-4 expert names (``experts.0.gate_proj``) onto transformers 5's
     fused 3D expert parameters. qcore unfuses experts into exactly those per-expert ``nn.Linear``
-    modules (:func:`qcore.arch.introspect.prepare_model`), so the names we pass are already right and the
+    modules (:func:`qcore.arch.surgery.prepare_model`), so the names we pass are already right and the
     rewrite would silently drop every expert adapter. A no-op for dense models.
     """
     try:
@@ -212,13 +210,15 @@ def prepare_qlora(model: nn.Module, config: QLoRAConfig, info: ModelInfo | None 
 class QLoRAQuantizer(BaseQuantizer):
     """Whole-model change in ``prepare``; nothing per block (calibration-free)."""
 
-    _record: dict[str, Any]
+    def __init__(self, config: QLoRAConfig, spec: Any) -> None:
+        super().__init__(config, spec)
+        self._record: dict[str, Any] = {}
 
     def prepare(self, run: RunContext) -> None:
-        self._record = prepare_qlora(run.model, self.config, getattr(run, "info", None))
+        self._record = prepare_qlora(run.model, self.config, run.info)
 
     def record(self) -> dict[str, Any]:
-        rec = getattr(self, "_record", {})
+        rec = self._record
         return {"targets": rec.get("targets", []), "quantized": len(rec.get("quantized", [])),
                 "trainable_parameters": rec.get("trainable_parameters", 0)}
 

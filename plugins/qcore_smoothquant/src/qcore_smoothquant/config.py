@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import field_validator, model_validator
 
-from qcore.plugin.config import QuantConfig
+from qcore.plugin import QuantConfig
 
 W_BITS: tuple[int, ...] = (4, 8)
 A_BITS: tuple[int, ...] = (4, 6, 8)
@@ -30,6 +30,10 @@ class SmoothQuantConfig(QuantConfig):
     """Weight group size of the built-in RTN step; -1 = per output channel (needed by the int8 kernel)."""
     smooth: bool = True
     """Fold smoothing scales (False = naive W8A8 baseline: quantize without smoothing)."""
+    online_smoothing: bool = False
+    """Also smooth groups whose producer cannot absorb the scale exactly (GELU between fc1 and
+    fc2, a fused qkv before o, post-norm norms): the division is then an input transform run
+    before the linear's kernel (qcore.quant.transforms.ChannelScale, saved in the checkpoint)."""
     quantize: bool = True
     """Quantize activations/weights after smoothing (False = only the exact smoothing fold)."""
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from qcore.plugin.hookspecs import hookimpl
-from qcore.plugin.spec import Capabilities, MethodSpec
+from qcore.plugin import Capabilities, MethodSpec, hookimpl
 from qcore_smoothquant.config import A_BITS, W_BITS, SmoothQuantConfig
+
+QCORE_API = ">=1,<2"
+"""The qcore.plugin contract versions this plugin is written against."""
 
 SPEC = MethodSpec(
     name="smoothquant",
@@ -19,6 +21,7 @@ SPEC = MethodSpec(
         needs_calibration=True,
         composes_with=("kind:weight-only",),
         group_sizes=(-1, 32, 64, 128),
+        chain_options=(("w_bits", "bits"),),
         notes=(
             "scale groups come from introspection; groups that cannot be folded exactly are skipped and logged",
             "A8 dynamic per-token with 8-bit per-channel weights runs QuantLinear's w8a8 int8 backend; A4/A6 are fake-quantized",

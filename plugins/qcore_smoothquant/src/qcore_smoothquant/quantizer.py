@@ -9,14 +9,15 @@ Per block:
    ...; GQA v->o is folded with scales tied across the query heads of each kv head); otherwise
    compute s with the fixed ``alpha`` or the best ``alpha_grid`` candidate (no smoothing
    included) and fold it exactly with :func:`qcore.arch.fold.fold_scale_group`;
-3. ask for activation quantization on every quantizable linear (``qcore_act``: an
-   :class:`~qcore.quant.act.ActQuant`, dynamic per token, or static per tensor with the scale
-   calibrated from the smoothed range), which ``block.quantize_linear`` carries into the
-   ``QuantLinear``;
-4. when no weight method follows in the chain, quantize the weights per channel (symmetric RTN,
-   ``w_bits``); 8-bit weights with dynamic int8 activations then run QuantLinear's ``w8a8``
-   integer backend. When a weight method follows (``["smoothquant", "gptq"]``) the smoothed float
-   weights are left for it.
+3. ask for activation quantization on every quantizable linear
+   (``block.request_activation_quant``: an :class:`~qcore.quant.act.ActQuant`, dynamic per token,
+   or static per tensor with the scale calibrated from the smoothed range), which
+   ``block.quantize_linear`` carries into the ``QuantLinear``;
+4. ask to leave the weights to a later method of the chain (``["smoothquant", "gptq"]``: the
+   smoothed float weights are its to quantize; an explicit ``w_bits`` becomes its ``bits``, see
+   the spec's ``chain_options``); when none follows, quantize them per channel (symmetric RTN,
+   ``w_bits``): 8-bit weights with dynamic int8 activations then run QuantLinear's ``w8a8``
+   integer backend.
 
 Folds are exact, so the inputs captured before any fold stay valid for every group.
 """
@@ -29,23 +30,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from qcore.pipeline.engine import ACT_ATTR
-from qcore.plugin.errors import ConfigError
-from qcore.arch.fold import fold_scale_group, group_tie
+from qcore.arch.fold import fold_scale_group, group_tie, scale_columns
+from qcore.plugin import BaseQuantizer, BlockContext
 from qcore.progress import get_logger
-from qcore.plugin.protocol import BaseQuantizer
 from qcore.quant.act import ActQuant
 from qcore.quant.primitives import quantize_rtn
+from qcore.quant.transforms import ChannelScale
 from qcore_smoothquant.smooth import sample_rows, search_alpha, smoothing_scales, static_act_scale, weight_absmax
 
 if TYPE_CHECKING:
-    from qcore.pipeline.engine import BlockContext, RunContext
     from qcore_smoothquant.config import SmoothQuantConfig
 
 log = get_logger("qcore.smoothquant")
 
-#: Kinds of later chain methods that quantize weights (SmoothQuant then leaves them float).
-WEIGHT_KINDS: tuple[str, ...] = ("weight-only", "reconstruction")
 #: Calibration rows per scale group the alpha search measures the output error on.
 SEARCH_ROWS: int = 2048
 
@@ -60,46 +57,25 @@ class SmoothQuantQuantizer(BaseQuantizer):
         self.seconds = 0.0
         self.weights_quantized = False
 
-    def prepare(self, run: RunContext) -> None:
-        """``w_bits`` given explicitly reaches the weight method that follows (its ``bits``),
-        so ``["smoothquant", "gptq"], w_bits=8, a_bits=8`` is W8A8; conflicting values are refused."""
-        if "w_bits" not in self.config.model_fields_set:
-            return
-        for q in run.chain[run.position + 1:]:
-            spec = getattr(q, "spec", None)
-            cfg = getattr(q, "config", None)
-            if spec is None or spec.capabilities.kind not in WEIGHT_KINDS:
-                continue
-            if cfg is None or "bits" not in type(cfg).model_fields:
-                return
-            if "bits" in cfg.model_fields_set and cfg.bits != self.config.w_bits:
-                raise ConfigError(
-                    f"smoothquant w_bits={self.config.w_bits} conflicts with {spec.name} bits={cfg.bits}; "
-                    f"give only bits= (the weight method's width) or make them equal")
-            if cfg.bits != self.config.w_bits:
-                log.info("smoothquant: %s quantizes the weights with bits=%d (from w_bits)", spec.name,
-                         self.config.w_bits)
-                cfg.bits = self.config.w_bits
-            return
-
     def process_block(self, block: BlockContext) -> None:
         start = time.perf_counter()
         cfg = self.config
         names = block.quantizable(cfg)
         groups = [g for g in block.info.scale_groups if cfg.smooth]
         needed = list(dict.fromkeys(names + [n for g in groups if g.scalable for n in g.linears]))
-        absmax: dict[str, Tensor] = block.collect(needed, "absmax") if needed else {}
+        absmax: dict[str, Tensor] = block.observe(needed, "absmax") if needed else {}
         inputs: dict[str, list[Tensor]] = {}
         if cfg.alpha_grid is not None and cfg.quantize:
             firsts = [self._targets(g, names)[0] for g in groups if g.scalable and self._targets(g, names)]
             if firsts:
-                inputs = block.collect(firsts, "inputs")
+                inputs = block.observe(firsts, "inputs")
 
         act_range = {n: absmax[n].clone() for n in names}  # max|x| per channel AFTER smoothing
         for g in groups:
             where = f"{block.name}[{g.role}]"
             targets = self._targets(g, names)
-            if not g.scalable:
+            online = not g.scalable and cfg.online_smoothing
+            if not g.scalable and not online:
                 self._skip(where, g.reason or "not scalable")
                 continue
             if not targets:
@@ -107,7 +83,8 @@ class SmoothQuantQuantizer(BaseQuantizer):
                 continue
             # under GQA (v -> o) the maxima are taken over the query heads sharing a kv head, so
             # the scales are tied across them and fold into v exactly
-            a_max = group_tie(g, torch.stack([absmax[n] for n in g.linears]).amax(dim=0), "max")
+            readers = targets if online else g.linears
+            a_max = group_tie(g, torch.stack([absmax[n] for n in readers]).amax(dim=0), "max")
             weights = [block.linear(n).weight for n in targets]
             w_max = group_tie(g, weight_absmax(weights), "max")
             alpha: float | None = cfg.alpha
@@ -125,7 +102,7 @@ class SmoothQuantQuantizer(BaseQuantizer):
             else:
                 s = smoothing_scales(a_max, w_max, cfg.alpha)
             s = s.to(block.linear(g.linears[0]).weight.device)
-            why = fold_scale_group(block.module, g, s, block.linear)
+            why = self._smooth_online(block, targets, s) if online else fold_scale_group(block.module, g, s, block.linear)
             if why is not None:
                 self._skip(where, why)
                 continue
@@ -137,6 +114,15 @@ class SmoothQuantQuantizer(BaseQuantizer):
         if cfg.quantize:
             self._quantize(block, names, act_range)
         self.seconds += time.perf_counter() - start
+
+    @staticmethod
+    def _smooth_online(block: BlockContext, targets: list[str], s: Tensor) -> str | None:
+        """Scale the targets' columns by ``s`` and divide their inputs by ``s`` at run time."""
+        for n in targets:
+            lin = block.linear(n)
+            lin.weight.data = scale_columns(lin.weight.data, s)
+            block.set_input_transform(n, ChannelScale.of(1.0 / s))
+        return None
 
     @staticmethod
     def _targets(group: Any, names: list[str]) -> list[str]:
@@ -154,9 +140,9 @@ class SmoothQuantQuantizer(BaseQuantizer):
                 act = ActQuant(cfg.a_bits, dynamic=True)
             else:
                 act = ActQuant(cfg.a_bits, dynamic=False, scale=static_act_scale(act_range[n], cfg.a_bits))
-            setattr(block.linear(n), ACT_ATTR, act)
-        if any(k in WEIGHT_KINDS for k in block.run.later_kinds()):
-            return  # a weight method follows: it quantizes the smoothed weights (and carries qcore_act)
+            block.request_activation_quant(n, act)
+        if block.leave_weights_to_later():
+            return  # a weight method follows: it quantizes the smoothed weights (keeping the requests)
         self.weights_quantized = True
         for n in names:
             w = block.linear(n).weight.detach().float()
