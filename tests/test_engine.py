@@ -422,3 +422,58 @@ def test_gradient_observer_must_be_declared() -> None:
     model = tiny_model("llama")
     with pytest.raises(CalibrationError, match="gradient_observers"):
         run_chain(model, [Undeclared()], calib(model, n=1, seq=8))
+
+
+class Rotate(Probe):
+    """Puts a fixed orthogonal input transform on down_proj (as an online rotation would)."""
+
+    def __init__(self, q: torch.Tensor) -> None:
+        super().__init__("rotate")
+        self.q = q
+
+    def process_block(self, block: BlockContext) -> None:
+        block.set_input_transform("mlp.down_proj", Orthogonal(self.q))
+
+
+class Orthogonal(nn.Module):
+    def __init__(self, q: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("q", q)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.q.t()
+
+
+class HessianAfter(Probe):
+    def __init__(self) -> None:
+        super().__init__("hessian-after", "weight-only")
+        self.seen: dict[str, Any] = {}
+        self.inputs: list[torch.Tensor] = []
+        self.scalable: dict[str, bool] = {}
+
+    def process_block(self, block: BlockContext) -> None:
+        if block.index == 0:
+            self.seen = block.observe(["mlp.down_proj"], "hessian")
+            self.inputs = block.observe(["mlp.down_proj"], "inputs")["mlp.down_proj"]
+            self.scalable = {g.role: g.scalable for g in block.info.scale_groups}
+
+
+def test_observers_see_the_input_after_its_transform_and_folds_stop_there() -> None:
+    from qcore.arch.introspect import inspect_model
+
+    model = tiny_model("llama")
+    q = torch.linalg.qr(torch.randn(128, 128, generator=torch.Generator().manual_seed(0)))[0]
+    cal = calib(model, n=2, seq=16)
+    raw = []
+    h = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: raw.append(a[0].reshape(-1, 128)))
+    with torch.no_grad():
+        model(input_ids=cal.input_ids)
+    h.remove()
+    probe = HessianAfter()
+    run_chain(model, [Rotate(q), probe], cal, batch_size=2)
+    x = torch.cat(raw) @ q.t()
+    torch.testing.assert_close(torch.cat(probe.inputs), x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probe.seen["mlp.down_proj"]["hessian"], 2.0 / x.shape[0] * x.t() @ x, rtol=1e-4, atol=1e-5)
+    groups = {g.role: g for g in inspect_model(model).blocks[0].scale_groups}
+    assert not groups["mlp_out"].scalable and "input transform" in groups["mlp_out"].reason
+    assert groups["mlp_in"].scalable

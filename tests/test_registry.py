@@ -188,3 +188,23 @@ def test_extension_hook_that_raises_is_contained() -> None:
     assert reg.plugins["zbad"].status == "failed" and "observer boom" in reg.plugins["zbad"].error
     assert "qcore_register_observers" in reg.plugins["zbad"].error
     assert reg.plugins["ztaken"].status == "failed" and "already registered" in reg.plugins["ztaken"].error
+
+
+def test_a_method_option_named_like_a_quantize_argument_is_refused() -> None:
+    from qcore.plugin import Capabilities, MethodSpec, QuantConfig
+
+    class SeedConfig(QuantConfig):
+        method = "seedy"
+        seed: int = 0
+
+    class Seedy:
+        QCORE_API = ">=1,<2"
+
+        @qcore.hookimpl
+        def qcore_register_methods(self, register):
+            register(MethodSpec("seedy", "s", SeedConfig, "x:y", Capabilities(kind="weight-only")))
+
+    reg = Registry()
+    reg.register_plugin(Seedy(), "seedy")
+    assert reg.plugins["seedy"].status == "failed" and "seed" in reg.plugins["seedy"].error
+    assert "seedy" not in reg.methods

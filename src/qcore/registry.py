@@ -20,7 +20,7 @@ import pluggy
 
 from qcore.plugin import hookspecs
 from qcore.plugin.errors import PluginLoadError, UnknownMethodError
-from qcore.plugin.spec import MethodSpec
+from qcore.plugin.spec import RESERVED_OPTIONS, MethodSpec
 from qcore.plugin.version import API_ATTRIBUTE, unsupported_reason
 
 ENTRY_POINT_GROUP = "qcore"
@@ -96,6 +96,12 @@ class Registry:
             self._failed(name, distribution, version, exc)
             return
         for spec in collected:
+            clash = sorted(set(spec.config_cls.model_fields) & set(RESERVED_OPTIONS))
+            if clash:
+                self._failed(name, distribution, version, ValueError(
+                    f"method '{spec.name}' declares option(s) {', '.join(clash)}, which qcore.quantize takes "
+                    "itself (they would never reach the method): rename them"))
+                return
             if spec.name in self.methods:
                 other = self.methods[spec.name].plugin
                 self._failed(name, distribution, version,

@@ -438,7 +438,20 @@ def _scale_groups(block: nn.Module, linears: dict[str, LinearInfo], moe: MoEInfo
         if not reason and prev_role == "fc1":
             group.reason = f"exact for positive scales only (activation '{act}')"
         groups.append(group)
+    for group in groups:
+        _mark_transformed_inputs(block, group)
     return groups
+
+
+def _mark_transformed_inputs(block: nn.Module, group: ScaleGroup) -> None:
+    """A linear carrying an input transform (an online rotation, a run-time scale) reads the
+    transformed output of ``prev``: a per-channel fold into ``prev`` would not commute with it."""
+    for name in group.linears:
+        transform = getattr(block.get_submodule(name), "input_transform", None)
+        if transform is not None and group.scalable:
+            group.scalable = False
+            group.reason = (f"{name} applies an input transform ({type(transform).__name__}) to what "
+                            f"{group.prev or 'its producer'} outputs: a folded scale would not commute with it")
 
 
 def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:

@@ -38,7 +38,7 @@ from qcore.pipeline.capture import (
     module_device,
     with_hidden,
 )
-from qcore.pipeline.observers import as_rows, observer_spec
+from qcore.pipeline.observers import as_rows, observer_spec, weight_input
 from qcore.plugin.config import LayerPrecision, WeightQuantConfig
 from qcore.plugin.errors import ArchitectureError, CalibrationError, ConfigError
 from qcore.plugin.protocol import PROPAGATIONS, Needs
@@ -266,7 +266,8 @@ class BlockContext:
     @torch.no_grad()
     def observe(self, names: Sequence[str], observer: str, *, stop_early: bool = True,
                 **options: Any) -> dict[str, Any]:
-        """See :meth:`qcore.plugin.BlockContext.observe`. With ``stop_early`` each batch's forward
+        """See :meth:`qcore.plugin.BlockContext.observe`. Observers see what the weight multiplies:
+        the input after the linear's input transform, if it carries one. With ``stop_early`` each batch's forward
         is cut off once every named linear was reached (q/k/v need almost none of the block);
         sets holding MoE experts always run the whole block, since an expert may get no tokens."""
         spec = observer_spec(observer)
@@ -281,11 +282,11 @@ class BlockContext:
 
         def make_hook(lname: str):
             def pre(module: nn.Module, args: tuple) -> None:
-                obs[lname].update(as_rows(args[0]), None)
+                obs[lname].update(as_rows(weight_input(module, args[0])), None)
                 done(lname)
 
             def post(module: nn.Module, args: tuple, out: Tensor) -> None:
-                obs[lname].update(as_rows(args[0]), as_rows(out))
+                obs[lname].update(as_rows(weight_input(module, args[0])), as_rows(out))
                 done(lname)
             return pre if spec.where == "input" else post
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore.pipeline.capture import first_tensor, lm_kwargs, module_device
-from qcore.pipeline.observers import as_rows, observer_spec
+from qcore.pipeline.observers import as_rows, observer_spec, weight_input
 from qcore.plugin.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -51,8 +51,8 @@ def gradient_pass(model: nn.Module, info: ModelInfo, calibration: CalibrationDat
         return hook
 
     def linear_hook(full: str):
-        def hook(_m: nn.Module, args: tuple, out: Tensor) -> None:
-            x = args[0].detach()
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
+            x = weight_input(module, args[0].detach())
 
             def on_grad(g: Tensor) -> None:  # once per calibration window
                 for i in range(x.shape[0]) if x.dim() > 2 else [None]:

@@ -149,3 +149,15 @@ def observer_spec(name: str) -> ObserverSpec:
 def as_rows(t: Tensor) -> Tensor:
     """A float32 ``[tokens, features]`` view of a linear's input or output."""
     return t.detach().reshape(-1, t.shape[-1]).float()
+
+
+def weight_input(linear: nn.Module, x: Tensor) -> Tensor:
+    """What the linear's weight multiplies: its input after the input transform it carries (an
+    online rotation or scale), so statistics describe the weight's own input."""
+    from qcore.quant.linear import QuantLinear
+    from qcore.quant.transformed import TransformedLinear
+
+    if isinstance(linear, (QuantLinear, TransformedLinear)) and linear.input_transform is not None:
+        with torch.no_grad():
+            return linear.input_transform(x)
+    return x

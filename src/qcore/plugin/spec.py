@@ -19,6 +19,12 @@ def load_ref(ref: Any) -> Any:
     return obj
 
 
+RESERVED_OPTIONS: tuple[str, ...] = ("config", "calibration", "tokenizer", "n_samples", "seq_len", "seed",
+                                    "propagate", "device", "check")
+"""Keyword arguments of ``qcore.quantize`` itself: a method option of one of these names could never
+be set, so a config declaring one is refused when its plugin registers."""
+
+
 Kind = Literal["weight-only", "transform", "reconstruction", "adapter"]
 KINDS: tuple[str, ...] = ("weight-only", "transform", "reconstruction", "adapter")
 WEIGHT_KINDS: tuple[str, ...] = ("weight-only", "reconstruction")

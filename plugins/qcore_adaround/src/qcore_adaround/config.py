@@ -1,0 +1,50 @@
+"""AdaRound options. No torch import."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from qcore.plugin import PerLayer, WeightQuantConfig, allowed, check_per_layer
+
+ADAROUND_BITS: tuple[int, ...] = (2, 3, 4, 8)
+
+
+class AdaRoundConfig(WeightQuantConfig):
+    """AdaRound (Nagel et al., 2020): learn, per weight, whether to round up or down.
+
+    Per linear (true-sequential order, inputs from the already-quantized blocks) a continuous
+    variable V per weight is trained with Adam on the layer's output error, computed exactly from
+    its input Hessian, relative to round-to-nearest's, plus ``reg_lambda`` times the mean
+    rounding regularizer ``1 - |2 h(V) - 1|^beta``; then h(V) is hardened to 0 or 1.
+    """
+
+    method = "adaround"
+    iterations: int = Field(1000, ge=1)
+    """Adam steps per linear."""
+    lr: float = Field(1e-2, gt=0.0)
+    """Adam learning rate of V."""
+    reg_lambda: float = Field(30.0, ge=0.0)
+    """Weight of the rounding regularizer (mean over weights) against the output error relative to RTN's."""
+    warmup: float = Field(0.2, ge=0.0, lt=1.0)
+    """Fraction of the iterations without regularizer (the paper's 20%)."""
+    beta_start: float = Field(20.0, ge=1.0)
+    """Regularizer exponent after the warm-up, decayed linearly to ``beta_end``."""
+    beta_end: float = Field(2.0, ge=1.0)
+    """Regularizer exponent at the last iteration (at least 1: the regularizer is smooth)."""
+    scale_init: Literal["minmax", "search"] = "search"
+    """Scales and zero points: from each group's min/max, or the clipping ratio in [clip_min, 1]
+    whose round-to-nearest output error (the group's block of the Hessian) is smallest."""
+    clip_min: float = Field(0.7, gt=0.0, le=1.0)
+    """Smallest clipping ratio the ``search`` scale init tries."""
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: PerLayer) -> PerLayer:
+        return check_per_layer(v, allowed(ADAROUND_BITS), "bits must be one of 2, 3, 4 or 8")
+
+    @model_validator(mode="after")
+    def _betas(self) -> AdaRoundConfig:
+        if self.beta_end > self.beta_start:
+            raise ValueError("beta_end must not exceed beta_start (beta decays, e.g. from 20 to 2)")
+        return self
