@@ -71,10 +71,9 @@ def qcore_imports(path: Path) -> list[tuple[int, str]]:
 
 
 def is_public_import(module: str) -> bool:
-    """Whether a plugin may import ``module``: ``qcore`` itself, or ``qcore.plugin.PUBLIC_MODULES``."""
-    from qcore.plugin import PUBLIC_MODULES
-
-    return module == "qcore" or any(module == p or module.startswith(p + ".") for p in PUBLIC_MODULES if p != "qcore")
+    """Whether a plugin may import ``module``: only the contract, ``qcore.plugin`` (whose
+    ``HELPERS`` re-export the helpers a method needs)."""
+    return module == "qcore.plugin" or module.startswith("qcore.plugin.")
 
 
 def private_imports(sources: list[Path]) -> list[str]:

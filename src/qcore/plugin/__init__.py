@@ -1,6 +1,7 @@
 """``qcore.plugin``: the whole public contract between qcore and a method plugin. No torch import.
 
-A plugin imports from here (and from the helper modules in :data:`PUBLIC_MODULES`), declares the
+A plugin imports from here only (helpers such as ``quantize_rtn`` or ``fold_scale_group`` too: see
+:data:`HELPERS`, resolved lazily), declares the
 contract versions it supports with ``QCORE_API = ">=1,<2"`` in its plugin module, and implements
 the hooks of :mod:`qcore.plugin.hookspecs` with :data:`hookimpl`:
 
@@ -48,25 +49,43 @@ from qcore.plugin.serialize import ModuleSerializer
 from qcore.plugin.spec import KINDS, WEIGHT_KINDS, Capabilities, MethodSpec, ObserverSpec
 from qcore.plugin.version import API_ATTRIBUTE, API_VERSION
 
-PUBLIC_MODULES: tuple[str, ...] = (
-    "qcore",                    # quantize, save, load, check (the user API)
-    "qcore.plugin",             # this contract (and its submodules)
-    "qcore.quant",              # QuantLinear, QuantizedWeight, quantize_rtn, ActQuant, packing
-    "qcore.arch.fold",          # exact scale folds shared by transform methods
-    "qcore.arch.introspect",    # ModelInfo / BlockInfo / ScaleGroup types, inspect_model
-    "qcore.data",               # calibration text -> token windows
-    "qcore.eval",               # perplexity
-    "qcore.models",             # loading models by name, saving float models
-    "qcore.checkpoint",         # save/load and the atomic writer for a plugin's own files
-    "qcore.progress",           # logging and progress bars
-    "qcore.testing",            # the conformance suite (tests only)
-    "qcore.tiny",               # tiny models for tests
-)
-"""Modules (and their submodules) a plugin may import besides ``qcore.plugin``; everything else
-in qcore (the engine, the registry, the CLI...) is internal and may change without notice."""
+HELPERS: dict[str, str] = {
+    # the user API
+    "quantize": "qcore", "save": "qcore", "load": "qcore",
+    # packed weights, activation quantization, run-time input transforms
+    "QuantizedWeight": "qcore.quant.primitives", "quant_params": "qcore.quant.primitives",
+    "quantize_codes": "qcore.quant.primitives", "dequantize_codes": "qcore.quant.primitives",
+    "quantize_rtn": "qcore.quant.primitives", "check_bits": "qcore.quant.primitives",
+    "check_group_size": "qcore.quant.primitives", "ActQuant": "qcore.quant.act",
+    "fake_quant_act": "qcore.quant.act", "ChannelScale": "qcore.quant.transforms",
+    "TransformedLinear": "qcore.quant.transformed", "QuantLinear": "qcore.quant.linear",
+    # model knowledge and exact folds
+    "inspect_model": "qcore.arch.introspect", "ModelInfo": "qcore.arch.introspect",
+    "BlockInfo": "qcore.arch.introspect", "ScaleGroup": "qcore.arch.introspect",
+    "norm_offset": "qcore.arch.introspect", "fold_scale_group": "qcore.arch.fold",
+    "group_tie": "qcore.arch.fold", "scale_columns": "qcore.arch.fold",
+    # text, evaluation, models, files
+    "read_texts": "qcore.data", "tokenize_text": "qcore.data", "text_sha256": "qcore.data",
+    "describe_source": "qcore.data", "TEXT_SEPARATOR": "qcore.data", "perplexity": "qcore.eval",
+    "save_float": "qcore.models", "atomic_dir": "qcore.checkpoint", "write_json": "qcore.checkpoint",
+    # logging and progress bars
+    "get_logger": "qcore.progress", "bar": "qcore.progress",
+}
+"""Helpers a plugin imports from ``qcore.plugin`` too (``from qcore.plugin import quantize_rtn``),
+resolved on first use so that importing the contract never imports torch. Everything else in qcore
+(the engine, the registry, the CLI...) is internal and may change without notice."""
+
+
+def __getattr__(name: str) -> object:
+    if name in HELPERS:
+        import importlib
+
+        return getattr(importlib.import_module(HELPERS[name]), name)
+    raise AttributeError(f"module 'qcore.plugin' has no attribute '{name}'")
+
 
 __all__ = [
-    "API_ATTRIBUTE", "API_VERSION", "KINDS", "PUBLIC_MODULES", "WEIGHT_KINDS", "ArchitectureError",
+    "API_ATTRIBUTE", "API_VERSION", "HELPERS", "KINDS", "WEIGHT_KINDS", "ArchitectureError",
     "BaseQuantizer", "BlockContext", "CalibrationError", "Capabilities", "CheckpointError",
     "CompatibilityError", "ConfigError", "KernelBackend", "LayerPrecision", "MethodSpec",
     "ModuleSerializer", "Needs", "ObserverSpec", "PerLayer", "PluginLoadError", "Propagation",

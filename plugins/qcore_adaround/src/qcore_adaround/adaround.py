@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qcore.quant import quant_params
+from qcore.plugin import quant_params
 
 ZETA = 1.1
 """Upper stretch of the rectified sigmoid (the paper's zeta)."""

@@ -5,7 +5,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from qcore.plugin import BaseQuantizer, BlockContext, CalibrationError
-from qcore.progress import bar, get_logger
+from qcore.plugin import bar, get_logger
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -46,7 +46,7 @@ class AdaRoundQuantizer(BaseQuantizer):
     def _quantize_one(self, block: BlockContext, name: str, hessian: Tensor, nsamples: int, progress: tqdm) -> None:
         import torch
 
-        from qcore.quant import QuantizedWeight, quantize_rtn
+        from qcore.plugin import QuantizedWeight, quantize_rtn
         from qcore_adaround.adaround import learn_rounding, serial_if_small
 
         cfg = self.config
@@ -92,7 +92,7 @@ class AdaRoundQuantizer(BaseQuantizer):
 
 def initial_grid(w: Tensor, h: Tensor, p: LayerPrecision, cfg: AdaRoundConfig) -> tuple[Tensor, Tensor]:
     """Scales and zeros [out, n_groups] of ``w``: from min/max or the clipping search (``scale_init``)."""
-    from qcore.quant import quant_params
+    from qcore.plugin import quant_params
     from qcore_adaround.adaround import search_scales
 
     if cfg.scale_init == "search":

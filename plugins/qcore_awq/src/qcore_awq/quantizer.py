@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from qcore.arch.fold import fold_scale_group, group_tie
+from qcore.plugin import fold_scale_group, group_tie
 from qcore.plugin import BaseQuantizer, BlockContext, CalibrationError
-from qcore.progress import get_logger
+from qcore.plugin import get_logger
 from qcore_awq.search import apply_clip, scaled_fake_quant, search_clip, search_scale, weight_mean
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class AWQQuantizer(BaseQuantizer):
     # -- steps ---------------------------------------------------------------------------------
     def _fake_quant(self, block: BlockContext, name: str) -> Callable[[Tensor], Tensor]:
         """RTN quantize-dequantize at linear ``name``'s precision."""
-        from qcore.quant.primitives import quantize_rtn
+        from qcore.plugin import quantize_rtn
 
         p = block.precision(name, self.config)
         return lambda w: quantize_rtn(w, p.bits, p.group_size, p.sym).dequantize()
@@ -216,7 +216,7 @@ class AWQQuantizer(BaseQuantizer):
 
     def finish_block(self, block: BlockContext, names: list[str], shrinks: dict[str, Tensor], defer: bool) -> None:
         """RTN with the searched clip, or (a weight method follows) clamp in float and hand over."""
-        from qcore.quant.primitives import quantize_rtn
+        from qcore.plugin import quantize_rtn
 
         for n in names:
             lin = block.linear(n)

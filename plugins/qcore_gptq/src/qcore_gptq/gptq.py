@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from qcore.plugin.errors import CalibrationError
-from qcore.progress import get_logger
-from qcore.quant.primitives import QuantizedWeight, quant_params, quantize_rtn
+from qcore.plugin import CalibrationError
+from qcore.plugin import get_logger
+from qcore.plugin import QuantizedWeight, quant_params, quantize_rtn
 
 log = get_logger("qcore_gptq")
 

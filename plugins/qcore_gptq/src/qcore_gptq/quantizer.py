@@ -5,7 +5,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from qcore.plugin import BaseQuantizer, BlockContext
-from qcore.progress import get_logger
+from qcore.plugin import get_logger
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -52,7 +52,7 @@ class GPTQQuantizer(BaseQuantizer):
         self.seconds += time.perf_counter() - start
 
     def _quantize_one(self, block: BlockContext, name: str, hessian: Tensor, nsamples: int) -> None:
-        from qcore.quant.primitives import quantize_rtn
+        from qcore.plugin import quantize_rtn
         from qcore_gptq.gptq import gptq_quantize
 
         cfg = self.config

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from qcore.quant.primitives import QuantizedWeight, check_bits, check_group_size
+from qcore.plugin import QuantizedWeight, check_bits, check_group_size
 
 LP_NORM = 0.7
 """Default p of the lp error (the reference implementation's default)."""

@@ -5,7 +5,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from qcore.plugin import BaseQuantizer, BlockContext
-from qcore.progress import get_logger
+from qcore.plugin import get_logger
 
 if TYPE_CHECKING:
     from qcore_hqq.config import HQQConfig

@@ -37,7 +37,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     an earlier adapter qcore wrote there is replaced, any other folder is refused)."""
     from safetensors.torch import save_file
 
-    from qcore.checkpoint import atomic_dir
+    from qcore.plugin import atomic_dir
 
     state = adapter_state_dict(model)
     with atomic_dir(path, overwrite=True, kind="LoRA adapter") as tmp:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore.plugin import CalibrationError, CheckpointError, ConfigError
-from qcore.progress import bar, get_logger
+from qcore.plugin import bar, get_logger
 
 from qcore_qlora.adapter import load_adapter, save_adapter
 from qcore_qlora.serialize import restore_peft_state
@@ -194,7 +194,7 @@ def save_checkpoint(output_dir: str | os.PathLike, model: nn.Module, optimizer: 
     """Write ``checkpoints/step-N`` atomically and drop all but the newest ``keep``."""
     from safetensors.torch import save_file
 
-    from qcore.checkpoint import atomic_dir, write_json
+    from qcore.plugin import atomic_dir, write_json
 
     final = Path(output_dir) / CHECKPOINTS / f"step-{state['step']:06d}"
     opt_tensors, opt_meta = optimizer_state_to_safetensors(optimizer.state_dict())
@@ -237,7 +237,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 def heldout_perplexity(model: nn.Module, tokenizer: Any, text: str, seq_len: int,
                        max_tokens: int | None = None) -> float:
     """Perplexity of ``model`` on ``text`` with qcore's pinned protocol (:mod:`qcore.eval`)."""
-    from qcore.eval import perplexity
+    from qcore.plugin import perplexity
 
     was_training = model.training
     model.eval()
@@ -284,7 +284,7 @@ def _set_checkpointing(model: nn.Module, on: bool) -> bool:
 
 
 def _texts(source: Any) -> str:
-    from qcore.data import TEXT_SEPARATOR, read_texts
+    from qcore.plugin import TEXT_SEPARATOR, read_texts
 
     return TEXT_SEPARATOR.join(read_texts(source))
 
@@ -324,7 +324,7 @@ def finetune(
     method (``then_options``, e.g. ``{"bits": 4}``; ``"float"`` keeps the merged float model),
     saved to ``output_dir/merged-<then>``.
     """
-    from qcore.data import text_sha256, tokenize_text
+    from qcore.plugin import text_sha256, tokenize_text
 
     start_time = time.perf_counter()
     then_options = dict(then_options or {})
@@ -441,7 +441,7 @@ def finetune(
         _then(result, model, tokenizer, then, then_options, train_text, eval_text, seq_len, eval_max_tokens, out)
     result.seconds = round(time.perf_counter() - start_time, 3)
     if out is not None:
-        from qcore.checkpoint import write_json
+        from qcore.plugin import write_json
 
         write_json(out / RESULT_FILE, result.to_json_dict())
     return result
@@ -459,13 +459,13 @@ def _then(result: FinetuneResult, model: nn.Module, tokenizer: Any, then: str, t
     path = out / f"merged-{then}" if out is not None else None
     if then == "float":
         if path is not None:
-            from qcore.models import save_float
+            from qcore.plugin import save_float
 
             save_float(merged, path, tokenizer if hasattr(tokenizer, "save_pretrained") else None)
         result.then_perplexity = result.merged_perplexity
     else:
-        from qcore import quantize
-        from qcore.data import tokenize_text
+        from qcore.plugin import quantize
+        from qcore.plugin import tokenize_text
 
         opts = dict(then_options)
         opts.setdefault("calibration", [train_text])
@@ -479,7 +479,7 @@ def _then(result: FinetuneResult, model: nn.Module, tokenizer: Any, then: str, t
         if eval_text:
             result.then_perplexity = heldout_perplexity(merged, tokenizer, eval_text, seq_len, eval_max_tokens)
         if path is not None:
-            from qcore.checkpoint import save
+            from qcore.plugin import save
 
             save(merged, path, tokenizer=tokenizer)
     result.then_path = str(path) if path is not None else None
@@ -487,6 +487,6 @@ def _then(result: FinetuneResult, model: nn.Module, tokenizer: Any, then: str, t
 
 
 def _describe(source: Any) -> str:
-    from qcore.data import describe_source
+    from qcore.plugin import describe_source
 
     return describe_source(source)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore.plugin import CompatibilityError
-from qcore.progress import get_logger
+from qcore.plugin import get_logger
 
 log = get_logger("qlora")
 
@@ -137,7 +137,7 @@ def merge_and_quantize(model: nn.Module, method: str | list[str], tokenizer: Any
 
     The qlora provenance (config, targets) is kept in the result's ``qcore_record["provenance"]``.
     """
-    from qcore import quantize
+    from qcore.plugin import quantize
 
     merged = merge_and_unload_to_float(model)
     quantize(merged, method, tokenizer=tokenizer, **options)

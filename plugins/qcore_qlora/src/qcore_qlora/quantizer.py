@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from qcore.plugin import BaseQuantizer, CompatibilityError, ConfigError, RunContext
-from qcore.progress import get_logger
+from qcore.plugin import get_logger
 
 from qcore_qlora.config import QLoRAConfig
 
 if TYPE_CHECKING:
-    from qcore.arch.introspect import ModelInfo
+    from qcore.plugin import ModelInfo
 
 log = get_logger("qlora")
 
@@ -111,7 +111,7 @@ def quantize_base(model: nn.Module, config: QLoRAConfig, info: ModelInfo | None 
     import bitsandbytes as bnb
 
     if info is None:
-        from qcore.arch.introspect import inspect_model
+        from qcore.plugin import inspect_model
 
         info = inspect_model(model)
     dtype = DTYPES[config.compute_dtype]
@@ -195,7 +195,7 @@ def prepare_qlora(model: nn.Module, config: QLoRAConfig, info: ModelInfo | None 
         raise CompatibilityError("this model already has LoRA adapters; start from the float model, "
                                  "or merge first with qcore_qlora.merge.merge_and_unload_to_float")
     if info is None:
-        from qcore.arch.introspect import inspect_model
+        from qcore.plugin import inspect_model
 
         info = inspect_model(model)
     targets = resolve_targets(info, config.targets, config.ignore)

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from qcore.arch.introspect import BlockInfo, ModelInfo, ScaleGroup, norm_offset
+from qcore.plugin import BlockInfo, ModelInfo, ScaleGroup, norm_offset
 from qcore.plugin import CompatibilityError
 
 READ_GROUPS: tuple[str, ...] = ("attn_in", "mlp_in", "expert_in")

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from qcore.plugin import BaseQuantizer, BlockContext, RunContext
-from qcore.progress import get_logger
-from qcore.quant import ActQuant, quantize_rtn
-from qcore.quant.transformed import TransformedLinear
+from qcore.plugin import get_logger
+from qcore.plugin import ActQuant, quantize_rtn
+from qcore.plugin import TransformedLinear
 from qcore_quarot.hadamard import describe, hadamard_block, random_signs
 from qcore_quarot.layout import (
     EXPERT_PREFIX,

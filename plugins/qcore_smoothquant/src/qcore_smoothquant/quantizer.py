@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from qcore.arch.fold import fold_scale_group, group_tie, scale_columns
+from qcore.plugin import fold_scale_group, group_tie, scale_columns
 from qcore.plugin import BaseQuantizer, BlockContext
-from qcore.progress import get_logger
-from qcore.quant.act import ActQuant
-from qcore.quant.primitives import quantize_rtn
-from qcore.quant.transforms import ChannelScale
+from qcore.plugin import get_logger
+from qcore.plugin import ActQuant
+from qcore.plugin import quantize_rtn
+from qcore.plugin import ChannelScale
 from qcore_smoothquant.smooth import sample_rows, search_alpha, smoothing_scales, static_act_scale, weight_absmax
 
 if TYPE_CHECKING:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from qcore.quant.act import ActQuant, fake_quant_act
-from qcore.quant.primitives import quantize_rtn
+from qcore.plugin import ActQuant, fake_quant_act
+from qcore.plugin import quantize_rtn
 
 EPS: float = 1e-5
 """Floor of max|X_j| and max|W_j| before the powers (as the reference implementation)."""

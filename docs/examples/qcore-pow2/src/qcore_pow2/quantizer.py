@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from qcore.plugin import BaseQuantizer, BlockContext
-from qcore.quant import QuantizedWeight, quant_params, quantize_codes
+from qcore.plugin import QuantizedWeight, quant_params, quantize_codes
 from qcore_pow2.modules import InputShift
 
 
