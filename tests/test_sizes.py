@@ -1,4 +1,4 @@
-"""Issue 3 part 6: 4-bit group-128 linear weights take at most 0.27x their fp16 bytes,
+"""4-bit group-128 linear weights take at most 0.27x their fp16 bytes,
 in memory (also after the kernels have run) and on disk."""
 from __future__ import annotations
 
