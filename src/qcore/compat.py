@@ -109,14 +109,44 @@ def check(model: Any, method: str | MethodSpec | list[str | MethodSpec] | tuple[
 
     ``model`` is an ``nn.Module`` (inspected with :func:`qcore.arch.introspect.inspect_model`, which
     rewrites Conv1D/fused experts exactly, in place), a ``ModelInfo``, or ``None`` to check
-    only the options. ``options`` go to every method whose config declares them;
+    only the options. ``options`` go to every method whose config declares them (``budget_bits``,
+    ``budget_bytes``, ``budget_candidates`` and ``budget_criterion`` describe a size budget, see
+    :mod:`qcore.pipeline.budget`);
     ``config=`` passes a ready config (or one per method of a chain) instead. The chain is
     resolved by :func:`qcore.pipeline.chain.resolve_chain`, as ``qcore.quantize`` does.
     """
+    from qcore.pipeline.budget import budget_problems, split_budget
     from qcore.pipeline.chain import resolve_chain
 
     config = options.pop("config", None)
-    return check_chain(model, resolve_chain(method, config, options))
+    try:
+        budget = split_budget(options)  # budget_bits=... (qcore.quantize's mixed precision)
+    except ConfigError as exc:
+        names = [m if isinstance(m, str) else m.name for m in ([method] if isinstance(method, (str, MethodSpec))
+                                                               else method)]
+        return Verdict(ok=False, reasons=[str(exc)], methods=names, config_failure=True)
+    chain = resolve_chain(method, config, options)
+    if budget is not None:
+        chain.problems += budget_problems(chain, budget)
+    verdict = check_chain(model, chain)
+    if budget is not None and verdict.ok and model is not None:
+        _check_budget(model, chain, budget, verdict)
+    return verdict
+
+
+def _check_budget(model: Any, chain: Chain, budget: Any, verdict: Verdict) -> None:
+    """The budget must be reachable with the candidate widths on this model's layers."""
+    from qcore.pipeline.budget import make_plan
+
+    info = _model_info(model, verdict)
+    if info is None:
+        return
+    try:
+        make_plan(info, chain, budget)
+    except ConfigError as exc:
+        verdict.reasons.append(str(exc))
+        verdict.config_failure = True
+        verdict.ok = False
 
 
 def check_chain(model: Any, chain: Chain) -> Verdict:
@@ -134,6 +164,16 @@ def check_chain(model: Any, chain: Chain) -> Verdict:
     for spec, cfg in zip(specs, configs):
         if cfg is not None:
             _check_bits(spec, cfg, verdict)
+    from qcore.pipeline import validate
+
+    module = model if hasattr(model, "named_modules") else None
+    quantized = validate.quantized_problem(module, specs) if module is not None else None
+    if quantized is not None:  # introspecting its quantized layers would only confuse the verdict
+        verdict.reasons.append(quantized.reason)
+        verdict.recommendations.append(quantized.fix)
+        verdict.configs = [c for c in configs if c is not None]
+        verdict.ok = False
+        return verdict
     info = _model_info(model, verdict) if model is not None else None
     if info is not None:
         verdict.family = info.family
@@ -151,6 +191,11 @@ def check_chain(model: Any, chain: Chain) -> Verdict:
         for spec, cfg in zip(specs, configs):
             if cfg is not None:
                 _check_groups(spec, cfg, info, verdict)
+        for problem in validate.model_problems(module, info, specs, [c for c in configs if c is not None]):
+            verdict.reasons.append(problem.reason)
+            if problem.fix:
+                verdict.recommendations.append(problem.fix)
+            verdict.config_failure = verdict.config_failure or problem.option
     verdict.configs = [c for c in configs if c is not None]
     verdict.ok = not verdict.reasons
     return verdict
@@ -327,7 +372,22 @@ def render_markdown(specs: list[MethodSpec] | None = None) -> str:
             "(ragged groups are not supported); linears matched by `ignore` and MoE routers (never "
             "quantized) are exempt. The refusal names the first offending linear and the group sizes "
             "that work;",
-            "- each method of a chain must list the next one (or its kind) in `composes_with`.", ""]
+            "- each method of a chain must list the next one (or its kind) in `composes_with`;",
+            "- the model must be a float model: a module of a type a checkpoint serializer stores "
+            "(`QuantLinear`, ...), a layer of a quantization package (bitsandbytes, ...), an integer weight, "
+            "a `qcore_record` or a `quantization_config` is refused (chain methods in one run instead), "
+            "unless every method sets `Capabilities.takes_quantized`;",
+            "- every weight must be finite (the refusal names the tensors); non-finite activations, "
+            "statistics and quantization results are refused during the run, naming the module;",
+            "- every block linear to be quantized must have a known role (attention or MLP projection): "
+            "others (a state-space mixer, a custom layer) must be kept in float with `ignore`;",
+            "- each `ignore` pattern and each pattern of a per-layer map must match a linear (patterns "
+            "matching only never-quantized modules such as `lm_head` are accepted), and `ignore` must "
+            "leave something to quantize;",
+            "- a size budget (`budget_bits` or `budget_bytes`, below) needs a method that quantizes weights "
+            "with `bits`; its candidate widths must be among that method's weight bits, an int `bits` must "
+            "not be given with it, and the budget must be reachable on the model's layers (at least every "
+            "layer at the narrowest candidate, scales and zero points included).", ""]
 
     sizes = sorted({g for s in specs for g in s.capabilities.group_sizes if g > 0}) or [32, 64, 128]
     out += ["## Group sizes for common shapes", "",
@@ -350,4 +410,21 @@ def render_markdown(specs: list[MethodSpec] | None = None) -> str:
             out.append("")
             out.append(f"Note: {_cell(note)}")
         out.append("")
+    out += _budget_options()
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _budget_options() -> list[str]:
+    """The size-budget keywords of ``qcore.quantize`` (mixed precision, every weight method)."""
+    from qcore.pipeline.budget import BudgetConfig
+
+    out = ["### Size budget (`qcore.quantize` keywords, every weight method)", "",
+           "Mixed precision: per-layer widths chosen by sensitivity within the budget "
+           "(`qcore.pipeline.budget`).", "",
+           "| option | type | default | description |", "|---|---|---|---|"]
+    for name, info in BudgetConfig.model_fields.items():
+        default = json.dumps(info.get_default(call_default_factory=True), default=str)
+        out.append(f"| `budget_{name}` | `{_cell(_type_name(info.annotation))}` | `{_cell(default)}` | "
+                   f"{_cell(' '.join((info.description or '').split()))} |")
+    out.append("")
+    return out

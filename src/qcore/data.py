@@ -121,15 +121,41 @@ def _read_jsonl(path: Path) -> list[str]:
     return texts
 
 
+def _read_file(path: Path) -> str:
+    """The UTF-8 text of ``path``; any failure is a CalibrationError naming the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"text file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                               "convert it to UTF-8 or pass another file") from None
+    except OSError as exc:
+        raise CalibrationError(f"cannot read text file {path}: {exc.strerror or exc}; check the path and "
+                               "its permissions") from None
+
+
 def _read_path(path: Path) -> list[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise CalibrationError(f"directory {path} holds no .txt files; put text files there or pass a file")
-        return [p.read_text(encoding="utf-8") for p in files]
-    if path.suffix.lower() == ".jsonl":
-        return _read_jsonl(path)
-    return [path.read_text(encoding="utf-8")]
+        texts = [_read_file(p) for p in files]
+        what = f"the .txt files of directory {path}"
+    elif path.suffix.lower() == ".jsonl":
+        try:
+            texts = _read_jsonl(path)
+        except UnicodeDecodeError as exc:
+            raise CalibrationError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it "
+                                   "to UTF-8") from None
+        except OSError as exc:
+            raise CalibrationError(f"cannot read {path}: {exc.strerror or exc}; check the path and its "
+                                   "permissions") from None
+        what = f"{path}"
+    else:
+        texts = [_read_file(path)]
+        what = f"text file {path}"
+    if not any(t.strip() for t in texts):
+        raise CalibrationError(f"{what} holds no text (empty or only whitespace); give a file with text")
+    return texts
 
 
 def _default_texts() -> list[str]:

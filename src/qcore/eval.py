@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qcore.plugin.errors import CalibrationError, CompatibilityError
+from qcore.plugin.errors import CalibrationError, CompatibilityError, NonFiniteError
 from qcore.progress import progress
 
 PROTOCOL = ("texts joined with '\\n\\n', tokenized once (tokenizer's own special tokens for one "
@@ -163,14 +163,25 @@ def perplexity(model: nn.Module, data: Any, tokenizer: Any = None, seq_len: int 
     t0 = time.perf_counter()
     ids, desc, sha = token_stream(data, tokenizer)
     ids = ids[: int(max_tokens)] if max_tokens is not None else ids
+    from qcore.pipeline.validate import check_token_ids
+
+    check_token_ids(model, ids, "the evaluation text")
     win = windows(ids, seq_len)
     was_training = model.training
     model.eval()
     total = 0.0
     try:
-        for batch in progress(win.split(max(1, batch_size)), desc="perplexity",
-                              total=math.ceil(len(win) / max(1, batch_size)), unit="batch"):
-            total += float(window_nll(_logits(model, batch), batch).double().sum())
+        for i, batch in enumerate(progress(win.split(max(1, batch_size)), desc="perplexity",
+                                           total=math.ceil(len(win) / max(1, batch_size)), unit="batch")):
+            nll_batch = float(window_nll(_logits(model, batch), batch).double().sum())
+            if not math.isfinite(nll_batch):
+                first = i * max(1, batch_size)
+                raise NonFiniteError(
+                    f"the model's loss is {nll_batch} on evaluation windows {first}-{first + len(batch) - 1} "
+                    f"(of {len(win)}, {seq_len} tokens each): its logits are not finite, so there is no "
+                    "perplexity to report; the model is broken (non-finite weights, or a dtype that "
+                    "overflows): run qcore check on it, or evaluate in float32")
+            total += nll_batch
     finally:
         model.train(was_training)
     n_pred = win.shape[0] * (seq_len - 1)

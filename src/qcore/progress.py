@@ -15,13 +15,29 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith("qcore") else f"qcore.{name}")
 
 
+PROGRESS_ENV = "QCORE_PROGRESS"
+_ON, _OFF = frozenset({"1", "true", "yes", "on"}), frozenset({"0", "false", "no", "off"})
+
+
 def progress_enabled() -> bool:
-    return os.environ.get("QCORE_PROGRESS", "1") != "0" and sys.stderr is not None
+    """Bars on stderr: on a terminal or in a notebook, unless ``QCORE_PROGRESS`` is set (``1`` on, ``0`` off)."""
+    flag = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if flag in _OFF:
+        return False
+    stream = sys.stderr
+    if stream is None:
+        return False
+    if flag in _ON or "ipykernel" in sys.modules:  # forced, or a notebook (tqdm.auto draws widgets)
+        return True
+    try:
+        return stream.isatty()
+    except (ValueError, OSError):  # a closed or detached stream
+        return False
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False,
              unit: str = "it") -> Iterator[T]:
-    """Wrap an iterable in a tqdm bar on stderr (disabled with QCORE_PROGRESS=0)."""
+    """Wrap an iterable in a tqdm bar on stderr when :func:`progress_enabled`."""
     if not progress_enabled():
         yield from iterable
         return

@@ -25,6 +25,38 @@ from qcore.plugin.version import API_ATTRIBUTE, unsupported_reason
 
 ENTRY_POINT_GROUP = "qcore"
 DISABLE_ENV = "QCORE_DISABLE_PLUGINS"
+CORE_DISTRIBUTION = "qcore-quant"
+"""qcore's distribution on the package index (imported as ``qcore``; the index's ``qcore`` is an
+unrelated project)."""
+FIRST_PARTY_DISTRIBUTIONS: dict[str, str] = {
+    "rtn": CORE_DISTRIBUTION,
+    "gptq": "qcore-quant-gptq",
+    "awq": "qcore-quant-awq",
+    "hqq": "qcore-quant-hqq",
+    "smoothquant": "qcore-quant-smoothquant",
+    "qlora": "qcore-quant-qlora",
+    "quarot": "qcore-quant-quarot",
+    "adaround": "qcore-quant-adaround",
+    "brecq": "qcore-quant-brecq",
+}
+"""Each method of qcore's own plugins -> the distribution that provides it: the only packages
+qcore's messages suggest installing (a name the user typed is never turned into a package name)."""
+
+
+def install_hint(method: str) -> str:
+    """What to do about a method that is not installed: the pip command for a first-party method,
+    else where to look (no package name is guessed)."""
+    dist = FIRST_PARTY_DISTRIBUTIONS.get(method)
+    if dist is not None:
+        return f"install its plugin with: pip install {dist}"
+    return ("no qcore plugin of that name is known: check the spelling against 'qcore list', "
+            "'qcore plugins' shows what is installed, and a third-party plugin's own documentation names its package")
+
+
+def known_distribution(dist: str) -> bool:
+    """Whether ``dist`` is qcore's or one of its first-party plugins' (normalized as pip does)."""
+    norm = dist.lower().replace("_", "-").replace(".", "-")
+    return norm in set(FIRST_PARTY_DISTRIBUTIONS.values())
 
 
 @dataclass
@@ -182,8 +214,7 @@ class Registry:
             )
         known = ", ".join(sorted(self.methods)) or "none"
         raise UnknownMethodError(
-            f"unknown method '{name}'; installed methods: {known}. "
-            f"Install its plugin (pip install qcore-{name}) or run 'qcore list'"
+            f"unknown method '{name}'; installed methods: {known}. {install_hint(name).capitalize()}"
         )
 
 

@@ -15,10 +15,13 @@ from qcore_adaround.adaround import (
     group_output_error,
     init_v,
     learn_rounding,
+    grid_error,
     objective_and_gradient,
     output_error,
     rectified_sigmoid,
+    refit_scales,
     round_regularizer,
+    row_errors,
     rounding_problem,
     rtn_weight,
     search_scales,
@@ -29,7 +32,7 @@ from qcore.quant import QuantLinear, quant_params, quantize_rtn
 from qcore.testing import MethodConformance, requires_shared, tiny_calibration
 
 FAST = {"iterations": 200, "lr": 0.01, "reg_lambda": 30.0, "warmup": 0.2, "beta_start": 20.0, "beta_end": 2.0}
-"""Options of the pure-function tests: few steps, the default learning rate and regularizer."""
+"""Options of the pure-function tests: few steps, a small learning rate, the default regularizer."""
 
 
 def _layer(out: int, dim: int, rank: int, n: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +150,44 @@ def test_learned_rounding_beats_rtn_at_3_bits(sym: bool, group: int) -> None:
     assert res.rtn_error == pytest.approx(layer, rel=1e-3)
     # low-rank inputs leave a lot of room: the learned rounding's output error is a fraction of RTN's
     assert res.error < 0.5 * res.rtn_error and 0.0 < res.flipped < 0.5
+
+
+@pytest.mark.parametrize("group", [16, -1])
+def test_refit_scales_is_each_rows_least_squares_fit(group: int) -> None:
+    """Against an explicit least-squares solve of each row's weighted error over its group
+    scales (design matrix: one column per group, weighted by H's square root)."""
+    w, x = _layer(6, 48, rank=6, n=512)
+    h = _second_moment(x)
+    s, z = quant_params(w, 3, group, False)
+    codes = learn_rounding(w, h, s, z, 3, group, **FAST).codes
+    new = refit_scales(w, h, codes, s, z, group)
+    q = codes.float() - expand_groups(z, 48, group)
+    root = torch.linalg.cholesky(h.double() + 1e-9 * torch.eye(48, dtype=torch.float64))
+    gs = 48 if group == -1 else group
+    for r in range(6):
+        design = torch.zeros(48, 48 // gs, dtype=torch.float64)
+        for g in range(48 // gs):
+            design[g * gs:(g + 1) * gs, g] = q[r, g * gs:(g + 1) * gs].double()
+        want = torch.linalg.lstsq(root.T @ design, root.T @ w[r].double()).solution
+        torch.testing.assert_close(new[r].double(), want, rtol=1e-3, atol=1e-6)
+    assert grid_error(w, h, codes, new, z, group) < grid_error(w, h, codes, s, z, group)
+
+
+def test_refit_scales_never_worsens_a_row() -> None:
+    """A row whose fit would be worse or not positive keeps its scales: here rows whose codes all
+    sit at the zero point (no say in the scale) and a row flipped in sign against its codes."""
+    w, x = _layer(8, 32, rank=8, n=512)
+    h = _second_moment(x)
+    s, z = quant_params(w, 4, 16, False)
+    codes = learn_rounding(w, h, s, z, 4, 16, **FAST).codes.clone()
+    codes[0] = expand_groups(z, 32, 16)[0].to(codes.dtype)  # q = 0: nothing to fit
+    w_flipped = w.clone()
+    w_flipped[1] = -w[1]  # the best scales of row 1 would be negative
+    new = refit_scales(w_flipped, h, codes, s, z, 16)
+    assert torch.equal(new[0], s[0]) and torch.equal(new[1], s[1])
+    before = row_errors((codes.float() - expand_groups(z, 32, 16)) * expand_groups(s, 32, 16) - w_flipped, h)
+    after = row_errors((codes.float() - expand_groups(z, 32, 16)) * expand_groups(new, 32, 16) - w_flipped, h)
+    assert bool((after <= before).all()) and bool((new > 0).all())
 
 
 def test_without_calibration_signal_it_is_round_to_nearest() -> None:

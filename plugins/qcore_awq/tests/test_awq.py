@@ -297,7 +297,7 @@ def test_chain_with_gptq_hands_over_float_weights():
     from qcore.quant.linear import QuantLinear
 
     if "gptq" not in qcore.list_methods():
-        pytest.skip("qcore-gptq is not installed")
+        pytest.skip("qcore-quant-gptq is not installed")
     model = _tiny("llama")
     qcore.quantize(model, ["awq", "gptq"], calibration=_calib(model), bits=3, group_size=32, n_grid=4,
                    clip_grid=8)

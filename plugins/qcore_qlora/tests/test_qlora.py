@@ -1,4 +1,4 @@
-"""qcore-qlora: conformance, every tiny architecture, adapters in peft format, merge, fine-tune + resume."""
+"""qcore-quant-qlora: conformance, every tiny architecture, adapters in peft format, merge, fine-tune + resume."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
-"""What ``qcore info`` prints: per-layer bits, group size and bytes against fp16."""
+"""What ``qcore info`` prints: per-layer bits, group size and bytes against fp16, each method's
+``record()["info"]`` lines and the other serialized module types."""
 from __future__ import annotations
 
 import contextlib
@@ -40,14 +41,21 @@ def _summarize(layers: list[dict[str, Any]], source: str, record: dict[str, Any]
 
     quant = [r for r in layers if r["kind"] == "quantized"]
     linear = [r for r in layers if r.get("linear")]
+    errors = record.get("weight_error") or {}  # relative weight error per quantized layer
+    for r in quant:
+        if r["name"] in errors:
+            r["weight_error"] = float(errors[r["name"]])
     desc = {
         "source": source,
         "format": record.get("format"),
         "format_version": record.get("format_version"),
         "qcore_version": record.get("qcore_version"),
-        "chain": [{"method": c.get("method"), "version": c.get("version"), "config": c.get("config", {})}
+        "chain": [{"method": c.get("method"), "version": c.get("version"), "config": c.get("config", {}),
+                   "info": [str(line) for line in (c.get("record") or {}).get("info", [])]}
                   for c in record.get("chain", [])],
+        "module_types": _module_types(record.get("modules") or {}),
         "layers": layers,
+        "budget": record.get("budget"),
         "quantized_bytes": total(quant, "bytes"), "quantized_fp16_bytes": total(quant, "fp16_bytes"),
         "linear_bytes": total(linear, "bytes"), "linear_fp16_bytes": total(linear, "fp16_bytes"),
         "total_bytes": total(layers, "bytes"), "total_fp16_bytes": total(layers, "fp16_bytes"),
@@ -56,6 +64,17 @@ def _summarize(layers: list[dict[str, Any]], source: str, record: dict[str, Any]
         ref = desc[f"{key}_fp16_bytes"]
         desc[f"{key}_ratio"] = desc[f"{key}_bytes"] / ref if ref else None
     return desc
+
+
+def _module_types(modules: dict[str, Any]) -> dict[str, int]:
+    """How many serialized modules of each type other than quantized linears (input and
+    attention transforms, replaced norms...)."""
+    counts: dict[str, int] = {}
+    for entry in modules.values():
+        kind = entry_type(entry)
+        if kind and kind != QUANT_LINEAR_TYPE:
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _quant_row(name: str, meta: dict[str, Any], nbytes: int, shape_bias: bool) -> dict[str, Any]:
@@ -191,22 +210,39 @@ def _ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.3f}x"
 
 
+INFO_WIDTH = 100
+"""Widest layer table of :func:`format_info` in columns (as the CLI's tables)."""
+MIN_NAME = 16
+"""Layer names are shortened to fit :data:`INFO_WIDTH`, never below this many characters."""
+
+
+def _elide(name: str, width: int) -> str:
+    return name if len(name) <= width else "..." + name[len(name) - width + 3:]
+
+
 def format_info(desc: dict[str, Any]) -> str:
     """The text ``qcore info DIR`` prints: one row per layer, then totals against fp16."""
     chain = " + ".join(
-        c["method"] + "(" + ", ".join(f"{k}={v}" for k, v in sorted(c["config"].items())
+        c["method"] + "(" + ", ".join(f"{k}={_option(v)}" for k, v in sorted(c["config"].items())
                                       if k not in ("method", "config_version") and (k != "ignore" or v)) + ")"
         for c in desc["chain"]) or "none (float)"
     lines = [f"{desc['source']}: qcore format {desc.get('format_version')}, "
              f"qcore {desc.get('qcore_version')}, chain {chain}"]
-    rows = [("layer", "kind", "bits", "group", "shape", "bytes", "fp16 bytes", "ratio")]
+    has_error = any("weight_error" in r for r in desc["layers"])
+    rows = [("layer", "kind", "bits", "group", "shape", "bytes", "fp16 bytes", "ratio")
+            + (("rel err",) if has_error else ())]
     for r in desc["layers"]:
         shape = "x".join(str(s) for s in r["shape"]) if r.get("shape") else "-"
         bits = str(r["bits"]) if r["kind"] == "quantized" else "/".join(r.get("dtype", []))
         group = str(r.get("group_size", "-")) if r["kind"] == "quantized" else "-"
         rows.append((r["name"] or "(root)", r["kind"], bits, group, shape, f"{r['bytes']:,}",
-                     f"{r['fp16_bytes']:,}", _ratio(r["bytes"] / r["fp16_bytes"] if r["fp16_bytes"] else None)))
+                     f"{r['fp16_bytes']:,}", _ratio(r["bytes"] / r["fp16_bytes"] if r["fp16_bytes"] else None))
+                    + ((f"{r['weight_error']:.4f}" if "weight_error" in r else "-",) if has_error else ()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    room = INFO_WIDTH - (sum(widths[1:]) + 2 * (len(widths) - 1))  # for the layer names
+    if widths[0] > room >= MIN_NAME:  # long names keep their end: "...layers.29.mlp.down_proj"
+        rows = [(_elide(row[0], room),) + tuple(row[1:]) for row in rows]
+        widths[0] = room
     for i, row in enumerate(rows):
         cells = [c.ljust(w) if j in (0, 1) else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
@@ -214,6 +250,10 @@ def format_info(desc: dict[str, Any]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     n_quant = sum(1 for r in desc["layers"] if r["kind"] == "quantized")
     lines.append("")
+    for c in desc["chain"]:  # a method's record()["info"] lines
+        lines += [f"{c['method']}: {line}" for line in c.get("info", [])]
+    if desc.get("module_types"):
+        lines.append("other serialized modules: " + ", ".join(f"{k} x{v}" for k, v in desc["module_types"].items()))
     for dropped, kept in sorted(desc.get("tied", {}).items()):
         lines.append(f"{dropped} is tied to {kept} (stored once)")
     lines.append(f"quantized layers ({n_quant}): {_human(desc['quantized_bytes'])} vs "
@@ -222,4 +262,23 @@ def format_info(desc: dict[str, Any]) -> str:
                  f"fp16 ({_ratio(desc['linear_ratio'])})")
     lines.append(f"total: {_human(desc['total_bytes'])} vs {_human(desc['total_fp16_bytes'])} fp16 "
                  f"({_ratio(desc['total_ratio'])})")
+    if desc.get("budget"):
+        from qcore.pipeline.budget import format_budget
+
+        lines.append(format_budget(desc["budget"]))
     return "\n".join(lines)
+
+
+MAP_SHOWN = 6
+"""A per-layer map with more entries is shown as a summary (its layers are in the table)."""
+
+
+def _option(value: Any) -> str:
+    if isinstance(value, dict) and len(value) > MAP_SHOWN:
+        counts: dict[Any, int] = {}
+        for k, v in value.items():
+            if k != "default":
+                counts[v] = counts.get(v, 0) + 1
+        return ("per-layer map {" + ", ".join(f"{v}: {n} layers" for v, n in sorted(counts.items()))
+                + f", default: {value.get('default')}}}")
+    return str(value)

@@ -64,6 +64,9 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype
         _cast_float_params(model, dtype)
     model.to(device)
     _post_load([module for module, _ in rebuilt.values()])
+    from qcore.quant.attention import install
+
+    install(model)  # route the attention through re-attached attention transforms
     model.eval()
     model.qcore_record = {k: v for k, v in qconfig.items() if k not in ("checkpoint", "quant_method")}
     if with_tokenizer:
@@ -91,7 +94,7 @@ def rebuild_modules(model: nn.Module, modules: dict[str, dict[str, Any]],
                     root: Path) -> dict[str, tuple[nn.Module, ModuleSerializer]]:
     """Build every module of ``modules`` empty (on meta) and set it in place, parents first;
     returns them with their serializers, by name. A module may be new only as the child of
-    another rebuilt one."""
+    another rebuilt one, or as an attention transform (:mod:`qcore.quant.attention`)."""
     table = serializers()
     rebuilt: dict[str, tuple[nn.Module, ModuleSerializer]] = {}
     for name, entry in sorted(modules.items(), key=lambda kv: kv[0].count(".")):
@@ -122,12 +125,26 @@ def _serializer(name: str, entry: dict[str, Any], table: Table, root: Path) -> M
     if found is not None:
         return found
     plugin, dist = entry.get("plugin"), entry.get("distribution")
-    source = (f"install or upgrade {dist} (it provides the qcore plugin {plugin!r})" if dist else
-              f"install the qcore plugin {plugin!r}" if plugin else
-              "install the qcore plugin that provides it")
+    source = _install_advice(plugin, dist)
     raise CheckpointError(f"{root}: module {name} has type {type_name!r}, which no installed qcore plugin "
                           f"can rebuild: {source}, then load again ('qcore plugins' lists what is installed"
                           f"{_plugin_state(plugin)})")
+
+
+def _install_advice(plugin: Any, dist: Any) -> str:
+    """A pip command only for qcore's own plugins; a recorded third-party distribution is named as
+    provenance, not as advice (a checkpoint's JSON is not a trusted source of package names)."""
+    from qcore.registry import FIRST_PARTY_DISTRIBUTIONS, known_distribution
+
+    if plugin in FIRST_PARTY_DISTRIBUTIONS:
+        return f"install or upgrade its plugin with: pip install -U {FIRST_PARTY_DISTRIBUTIONS[plugin]}"
+    if dist and known_distribution(str(dist)):
+        return f"install or upgrade {dist} (it provides the qcore plugin {plugin!r})"
+    if plugin:
+        recorded = f" (the checkpoint names the distribution {dist!r}; install it only if you trust that name)" \
+            if dist else ""
+        return f"install the qcore plugin {plugin!r}{recorded}"
+    return "install the qcore plugin that provides it"
 
 
 def _plugin_state(plugin: Any) -> str:
@@ -138,17 +155,22 @@ def _plugin_state(plugin: Any) -> str:
 
 
 def _existing(model: nn.Module, name: str, type_name: str, parent_rebuilt: bool, root: Path) -> nn.Module | None:
-    """The module at ``name`` in the model built from config.json (None for a rebuilt parent's new child)."""
+    """The module at ``name`` in the model built from config.json (None for a rebuilt parent's new child
+    and for an attention transform, :data:`qcore.quant.attention.ATTACH_NAME`, below an existing module)."""
     parent_name, _, leaf = name.rpartition(".")
     try:
         parent = model.get_submodule(parent_name)
-        return getattr(parent, leaf)
     except AttributeError:
-        if parent_rebuilt:
-            return None
-        raise CheckpointError(f"{root}: the {_kind(type_name)} {name!r} does not exist in the "
-                              f"{type(model).__name__} built from config.json; the checkpoint does not "
-                              "match its config: re-save it") from None
+        parent = None
+    if parent is not None and hasattr(parent, leaf):
+        return getattr(parent, leaf)
+    from qcore.quant.attention import ATTACH_NAME
+
+    if parent_rebuilt or (parent is not None and leaf == ATTACH_NAME):  # an attention transform attaches
+        return None
+    raise CheckpointError(f"{root}: the {_kind(type_name)} {name!r} does not exist in the "
+                          f"{type(model).__name__} built from config.json; the checkpoint does not "
+                          "match its config: re-save it")
 
 
 def _check_features(old: nn.Module | None, entry: dict[str, Any], name: str, root: Path) -> None:

@@ -18,7 +18,7 @@ from qcore.progress import get_logger
 log = get_logger("io")
 
 HOOK = "qcore_register_serializers"
-QCORE_DISTRIBUTION = "qcore"
+QCORE_DISTRIBUTION = "qcore-quant"
 """The distribution of qcore itself: its serializers need no provenance in a checkpoint."""
 Table = dict[str, ModuleSerializer]
 """Serializers by type name."""

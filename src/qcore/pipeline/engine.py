@@ -39,8 +39,9 @@ from qcore.pipeline.capture import (
     with_hidden,
 )
 from qcore.pipeline.observers import as_rows, observer_spec, weight_input
+from qcore.pipeline.validate import first_nonfinite, nonfinite_tensors
 from qcore.plugin.config import LayerPrecision, WeightQuantConfig
-from qcore.plugin.errors import ArchitectureError, CalibrationError, ConfigError
+from qcore.plugin.errors import ArchitectureError, CalibrationError, ConfigError, NonFiniteError
 from qcore.plugin.protocol import PROPAGATIONS, Needs
 from qcore.progress import bar, get_logger
 
@@ -60,6 +61,8 @@ CALIBRATION_BACKEND = "dense_bf16"
 """QuantLinear backend of layers quantized during a block's turn, until the block is done: bf16
 like the int4 kernel, faster than it on calibration-sized batches (thousands of rows)."""
 ROUTER_ROLE = "router"
+_ACTIVATION_FIX = ("look for an overflowing dtype (run in float32), broken weights, or calibration text the "
+                   "model cannot read; qcore quantizes nothing from non-finite values")
 
 
 # -- contexts ------------------------------------------------------------------------------------------
@@ -206,6 +209,11 @@ class BlockContext:
         if isinstance(old, QuantLinear):
             raise ArchitectureError(f"{full} is already quantized; a chain may hold one weight-quantizing method")
         weight = old.weight
+        bad = first_nonfinite({"scales": qw.scales, "zeros": qw.zeros})
+        if bad is not None:
+            raise NonFiniteError(f"quantizing {full} gave non-finite {bad[0]} ({bad[1]}); its weights "
+                                 "or the method's statistics overflow: check the layer's weights (qcore check) "
+                                 "or keep it in float with ignore=[...]")
         if tuple(qw.codes.shape) != tuple(weight.shape):
             raise ArchitectureError(f"quantized weight of shape {tuple(qw.codes.shape)} does not match "
                                     f"{full} of shape {tuple(weight.shape)}")
@@ -219,6 +227,7 @@ class BlockContext:
             new.backend = CALIBRATION_BACKEND
         set_submodule(self.module, name, new)
         self.run.record.setdefault("modules", {})[full] = new.meta()
+        self.run.record.setdefault("weight_error", {})[full] = relative_weight_error(weight, new.dequantize_weight())
         return new
 
     # -- requests ---------------------------------------------------------------------------------
@@ -250,6 +259,16 @@ class BlockContext:
             raise ConfigError(f"{self.run.full_name(self.name, name)} already has an input transform; "
                               "compose them into one module")
         lin.input_transform = transform
+
+    def set_attention_transform(self, name: str, transform: nn.Module) -> None:
+        from qcore.quant.attention import attach
+
+        try:
+            self.module.get_submodule(name)
+        except AttributeError:
+            raise ArchitectureError(f"block {self.name} has no module '{name}' to attach an attention "
+                                    "transform to") from None
+        attach(self.run.model, self.run.full_name(self.name, name), transform)
 
     def leave_weights_to_later(self) -> bool:
         return self.run.weights_quantized_later()
@@ -307,7 +326,16 @@ class BlockContext:
         finally:
             for h in handles:
                 h.remove()
-        return {n: o.result() for n, o in obs.items()}
+        results = {n: o.result() for n, o in obs.items()}
+        for n, result in results.items():
+            bad = first_nonfinite(result)
+            if bad is not None:
+                where = next((w for i in range(len(inputs)) if (w := _first_nonfinite_module(self, i))), None)
+                raise NonFiniteError(
+                    f"the '{observer}' statistic of {self.run.full_name(self.name, n)} holds non-finite values "
+                    f"({bad[1]}{', at ' + bad[0] if bad[0] else ''}): its inputs on the calibration text "
+                    f"overflow or are NaN{', first at the output of ' + where if where else ''}; {_ACTIVATION_FIX}")
+        return results
 
     def _grad_results(self, names: Sequence[str], observer: str) -> dict[str, Any]:
         out = {}
@@ -322,6 +350,18 @@ class BlockContext:
 
 
 # -- the run -----------------------------------------------------------------------------------------
+WEIGHT_ERROR_DIGITS = 6
+
+
+@torch.no_grad()
+def relative_weight_error(weight: Tensor, dequantized: Tensor) -> float:
+    """``||W - Q||_F / ||W||_F`` of a linear's float weight and the dequantized weight that replaces
+    it, as stored (recorded per layer as ``record["weight_error"]``; ``qcore info --plot`` draws it)."""
+    w = weight.detach().float()
+    diff = dequantized.to(w.device, torch.float32) - w
+    return round(float(diff.norm() / w.norm().clamp_min(torch.finfo(torch.float32).tiny)), WEIGHT_ERROR_DIGITS)
+
+
 def _new_record() -> dict[str, Any]:
     from qcore import __version__
 
@@ -382,6 +422,10 @@ def run_chain(model: nn.Module, quantizers: Sequence[Quantizer], calibration: Ca
 
     chain = list(quantizers)
     needs = combine_needs(chain, propagate)
+    bad_weights = nonfinite_tensors(model)
+    if bad_weights:
+        raise NonFiniteError(f"non-finite values in the model's weights: {', '.join(bad_weights[:4])}"
+                             f"{' and more' if len(bad_weights) > 4 else ''}; repair or re-download the float model")
     calibration = _as_calibration(calibration)
     if calibration is None:
         need = [q.spec.name for q in chain if q.spec.capabilities.needs_calibration]
@@ -421,12 +465,22 @@ def run_chain(model: nn.Module, quantizers: Sequence[Quantizer], calibration: Ca
             start = time.perf_counter()
             run.gradients, run.grad_stats = gradient_pass(model, info, calibration, needs.gradient_observers,
                                                           batch_size)
+            for what, value in (("the gradient of the loss at the output of block", run.gradients),
+                                ("the gradient statistics of", run.grad_stats)):
+                bad = first_nonfinite(value)
+                if bad is not None:
+                    raise NonFiniteError(f"{what} {bad[0]} holds non-finite values ({bad[1]}) on the calibration "
+                                         f"text; {_ACTIVATION_FIX}")
             record["gradient_pass_seconds"] = round(time.perf_counter() - start, 3)
 
         hidden: list[Tensor] | None = None
         templates: list[Inputs] | None = None
         if calibration is not None:
             hidden, templates = capture_inputs(model, info, calibration, batch_size, store_device=dev)
+            bad = first_nonfinite(hidden)
+            if bad is not None:
+                raise NonFiniteError(f"the input of the first block {info.blocks[0].name} holds non-finite values "
+                                     f"({bad[1]}) on calibration batch {bad[0].strip('[]')}; {_ACTIVATION_FIX}")
 
         pbar = bar(len(info.blocks), desc="qcore blocks", unit="block")
         try:
@@ -457,6 +511,41 @@ def run_chain(model: nn.Module, quantizers: Sequence[Quantizer], calibration: Ca
     return run
 
 
+def _check_outputs(block: BlockContext, outputs: list[Tensor] | None, kind: str) -> None:
+    """Refuse non-finite block outputs, naming the module where they first appear."""
+    bad = first_nonfinite(outputs or [])
+    if bad is None:
+        return
+    batch = int(bad[0].strip("[]"))
+    where = _first_nonfinite_module(block, batch)
+    at = f", first at the output of {where}" if where else ""
+    what = f"the {kind} block" if kind else "the block"
+    raise NonFiniteError(f"non-finite activations ({bad[1]}) in the output of {what} {block.name} on calibration "
+                         f"batch {batch}{at}; {_ACTIVATION_FIX}")
+
+
+@torch.no_grad()
+def _first_nonfinite_module(block: BlockContext, batch: int) -> str | None:
+    """The first submodule of ``block`` (in the order they finish) whose output is not finite."""
+    found: list[str] = []
+
+    def hook(name: str):
+        def after(module: nn.Module, args: tuple, out: Any) -> None:
+            if not found and first_nonfinite(out if isinstance(out, (Tensor, tuple, list)) else None) is not None:
+                found.append(f"{block.run.full_name(block.name, name)} ({type(module).__name__})")
+        return after
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in block.module.named_modules() if n]
+    try:
+        block.call(batch)
+    except Exception:  # only a diagnosis: the caller raises the real error
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
 def _restore_backends(module: nn.Module) -> None:
     """Hand the block's new QuantLinears back to ``auto`` and free their calibration caches."""
     from qcore.quant.linear import QuantLinear
@@ -480,6 +569,7 @@ def _process_block(run: RunContext, index: int, binfo: BlockInfo, hidden: list[T
         block = BlockContext(index, binfo, run, inputs)
         if run.needs.float_outputs:
             block._compute_float_outputs()
+            _check_outputs(block, block._float_outputs, "float")
         for pos, q in enumerate(run.chain):
             run.position = pos
             q.process_block(block)
@@ -490,6 +580,7 @@ def _process_block(run: RunContext, index: int, binfo: BlockInfo, hidden: list[T
         else:
             block._float_outputs = None
             nxt = block.forward()
+            _check_outputs(block, nxt, "quantized" if run.chain else "")
         block.inputs = None
         block._float_outputs = None
         return [h.detach() for h in nxt]

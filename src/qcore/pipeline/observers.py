@@ -13,6 +13,8 @@ The built-in ones (registered through ``qcore_register_observers`` by qcore's ow
 ``out_absmax``  output  float32 ``[out]``: max |y| per output channel
 ``fisher``      grad    float32 ``[out, in]``: sum over calibration windows of (dL/dW)^2, the
                         diagonal empirical Fisher of the weights (from the gradient pass)
+``grad_sq``     grad    float32 ``[out]``: mean over tokens of (dL/dy)^2 per output channel
+                        (from the gradient pass; weights the output error by its effect on the loss)
 ==============  ======  ====================================================================
 
 An observer is built per linear as ``factory(linear, **options)`` and gets ``update(x, y)`` once
@@ -125,6 +127,22 @@ class Fisher:
         return self.f
 
 
+class GradSquare:
+    """Per output channel: the mean over tokens of the squared gradient of the loss w.r.t. the output."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        self.v = torch.zeros(_features(linear, "out_features", 0), dtype=torch.float32, device=_device(linear))
+        self.n = 0
+
+    def update(self, x: Tensor, y: Tensor | None = None) -> None:
+        assert y is not None, "grad_sq is a gradient observer"
+        self.v.add_(y.pow(2).sum(dim=0).to(self.v.device))
+        self.n += y.shape[0]
+
+    def result(self) -> Tensor:
+        return self.v / max(self.n, 1)
+
+
 BUILTIN_OBSERVERS: tuple[ObserverSpec, ...] = (
     ObserverSpec("hessian", "2/n sum x x^T of a linear's input (GPTQ)", Hessian),
     ObserverSpec("absmax", "max |x| per input channel (SmoothQuant)", AbsMax),
@@ -133,6 +151,8 @@ BUILTIN_OBSERVERS: tuple[ObserverSpec, ...] = (
     ObserverSpec("out_absmax", "max |y| per output channel", OutputAbsMax, where="output"),
     ObserverSpec("fisher", "diagonal empirical Fisher of the weights, from the gradient pass", Fisher,
                  where="grad"),
+    ObserverSpec("grad_sq", "mean squared gradient of the loss per output channel, from the gradient pass",
+                 GradSquare, where="grad"),
 )
 
 

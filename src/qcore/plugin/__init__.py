@@ -30,6 +30,7 @@ from qcore.plugin.errors import (
     CheckpointError,
     CompatibilityError,
     ConfigError,
+    NonFiniteError,
     PluginLoadError,
     QcoreError,
     UnknownMethodError,
@@ -88,7 +89,7 @@ __all__ = [
     "API_ATTRIBUTE", "API_VERSION", "HELPERS", "KINDS", "WEIGHT_KINDS", "ArchitectureError",
     "BaseQuantizer", "BlockContext", "CalibrationError", "Capabilities", "CheckpointError",
     "CompatibilityError", "ConfigError", "KernelBackend", "LayerPrecision", "MethodSpec",
-    "ModuleSerializer", "Needs", "ObserverSpec", "PerLayer", "PluginLoadError", "Propagation",
+    "ModuleSerializer", "Needs", "NonFiniteError", "ObserverSpec", "PerLayer", "PluginLoadError", "Propagation",
     "QcoreError", "QuantConfig", "Quantizer", "RunContext", "Trainer", "UnknownMethodError",
     "WeightQuantConfig", "allowed", "check_per_layer", "hookimpl", "layer_value",
 ]

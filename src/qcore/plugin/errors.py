@@ -29,6 +29,11 @@ class CalibrationError(QcoreError, ValueError):
     """Missing or insufficient calibration data."""
 
 
+class NonFiniteError(CalibrationError):
+    """NaN or infinite values in a model's weights, its activations on the calibration text, a
+    statistic gathered from them, a quantization result or an evaluation loss."""
+
+
 class CheckpointError(QcoreError, ValueError):
     """A checkpoint that is missing, truncated, corrupt, foreign or unsafe."""
 

@@ -146,6 +146,12 @@ class BlockContext(Protocol):
         """Apply ``transform`` (a module with a registered serializer) to linear ``name``'s input,
         before its kernel; saved with the checkpoint."""
 
+    def set_attention_transform(self, name: str, transform: Module) -> None:
+        """Attach ``transform`` (a module with a registered serializer) to the attention module
+        ``name``: it maps ``(query, key, value) -> (query, key, value)`` (``[batch, heads, tokens,
+        head_dim]``, after RoPE and the KV-cache update) right before the attention kernel, through
+        transformers' attention interface; saved with the checkpoint and re-attached by ``qcore.load``."""
+
     def leave_weights_to_later(self) -> bool:
         """Ask to leave this block's weights to a later method of the chain: True when one will
         quantize them (leave them in float, transformed as you need), False when none will (then
@@ -176,7 +182,8 @@ class Quantizer(Protocol):
         """Finish after every block was processed (may be a no-op)."""
 
     def record(self) -> dict[str, Any]:
-        """JSON-able metadata saved with the checkpoint (timings, per-layer choices)."""
+        """JSON-able metadata saved with the checkpoint (timings, per-layer choices); a list of
+        strings under ``"info"`` is printed by ``qcore info``, one line each."""
 
 
 @runtime_checkable

@@ -20,7 +20,8 @@ def load_ref(ref: Any) -> Any:
 
 
 RESERVED_OPTIONS: tuple[str, ...] = ("config", "calibration", "tokenizer", "n_samples", "seq_len", "seed",
-                                    "propagate", "device", "check")
+                                    "propagate", "device", "check", "budget_bits", "budget_bytes",
+                                    "budget_candidates", "budget_criterion")
 """Keyword arguments of ``qcore.quantize`` itself: a method option of one of these names could never
 be set, so a config declaring one is refused when its plugin registers."""
 
@@ -54,6 +55,10 @@ class Capabilities:
     chain_options: tuple[tuple[str, str], ...] = ()
     """(own option, option of the weight method that follows it in a chain): an own option given
     explicitly also sets the follower's (SmoothQuant's ``w_bits`` is the next method's ``bits``)."""
+    takes_quantized: bool = False
+    """True only for a method written to run on a model that already holds quantized layers (a
+    qcore checkpoint, bitsandbytes layers, a model quantized before in this process); for every
+    other method ``qcore.quantize`` and ``qcore.check`` refuse such a model."""
 
     @property
     def quantizes_weights(self) -> bool:

@@ -3,8 +3,10 @@
 Built on first use with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native
 -fopenmp``, about a second) into ``$QCORE_CACHE_DIR`` (default ``~/.cache/qcore``), keyed by
 the source, the compiler and this CPU, written to a temporary name and renamed (a crash never
-leaves a half-written library). It is loaded with ``ctypes``; its OpenMP threads are torch's
-(the same ``libgomp.so.1``), their number ``torch.get_num_threads()``.
+leaves a half-written library). Beside it a JSON record (:func:`record_path`) holds the library's
+sha256 taken at build time; a cached library is loaded only when its bytes still match that record
+(:func:`check_cached`), otherwise it is rebuilt with a warning. It is loaded with ``ctypes``; its
+OpenMP threads are torch's (the same ``libgomp.so.1``), their number ``torch.get_num_threads()``.
 
 When it cannot be used -- no compiler, a CPU without AVX512-BF16, a failed build, or
 ``QCORE_NATIVE=0`` -- :func:`unavailable_reason` says why and QuantLinear runs torch's int4
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qcore.checkpoint.atomic import atomic_file
+from qcore.checkpoint.atomic import atomic_file, write_json
 from qcore.progress import get_logger
 
 log = get_logger("qcore.quant.native")
@@ -68,20 +71,62 @@ def _compiler() -> str | None:
     return shutil.which(cc)
 
 
+RECORD_BUILDER = "qcore.quant.native"
+"""The ``builder`` field of the record written beside each library qcore compiles."""
+
+
+def record_path(lib: Path) -> Path:
+    """The build record beside a cached library (``q4_avx512-KEY.so`` -> ``q4_avx512-KEY.json``)."""
+    return lib.with_suffix(".json")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_cached(lib: Path) -> str | None:
+    """Why the cached library ``lib`` must not be loaded, or None when it is the one qcore built:
+    a build record beside it, written by qcore, whose sha256 matches the file's bytes."""
+    record = record_path(lib)
+    try:
+        doc = json.loads(record.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"has no build record {record.name}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"has an unreadable build record {record.name} ({exc})"
+    if not isinstance(doc, dict) or doc.get("builder") != RECORD_BUILDER or not isinstance(doc.get("sha256"), str):
+        return f"has a build record {record.name} that qcore did not write"
+    actual = file_sha256(lib)
+    if actual != doc["sha256"]:
+        return f"does not match its build record (sha256 {actual[:16]}..., recorded {doc['sha256'][:16]}...)"
+    return None
+
+
 def _build(cc: str) -> Path:
-    """Compile the kernel (once per source/compiler/CPU) and return the library's path."""
+    """Compile the kernel (once per source/compiler/CPU) and return the library's path; a cached
+    library is reused only when :func:`check_cached` accepts it."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version, _cpu_id()]).encode())
     out_dir = cache_dir()
     lib = out_dir / f"q4_avx512-{key.hexdigest()[:16]}.so"
     if lib.exists():
-        return lib
+        why = check_cached(lib)
+        if why is None:
+            return lib
+        log.warning("rebuilding qcore's CPU kernel: the cached %s %s", lib, why)
     log.info("compiling qcore's CPU kernel into %s (once)", lib)
     with atomic_file(lib, mode=0o777) as tmp:  # a shared library: executable, like the compiler's output
         proc = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        sha = file_sha256(tmp)
+    write_json(record_path(lib), {"builder": RECORD_BUILDER, "sha256": sha, "abi": ABI, "cflags": list(CFLAGS),
+                                  "compiler": cc, "source_sha256": file_sha256(SOURCE)})
     return lib
 
 

@@ -1,4 +1,4 @@
-"""qcore-adaround: AdaRound as a qcore plugin. Importing this package never imports torch."""
+"""qcore-quant-adaround: AdaRound as a qcore plugin. Importing this package never imports torch."""
 from __future__ import annotations
 
 from qcore_adaround.config import AdaRoundConfig

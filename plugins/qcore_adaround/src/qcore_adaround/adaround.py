@@ -28,6 +28,14 @@ GAMMA = -0.1
 """Lower stretch of the rectified sigmoid (the paper's gamma)."""
 CLIP_STEPS = 10
 """Clipping ratios the scale search tries between 1 and ``clip_min`` (1 included)."""
+REFIT_CHUNK_ELEMENTS = 2**24
+"""Rows per chunk of :func:`refit_scales` so that its ``[rows, n_groups, in]`` product stays at
+this many elements (64 MiB in float32)."""
+REFIT_RIDGE = 1e-6
+"""Ridge added to each row's normal equations, relative to their mean diagonal (a group whose
+codes all equal the zero point has no say in its scale)."""
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+"""Devices where Adam runs as one fused kernel (fewer passes over ``V`` per step)."""
 REPORT_EVERY = 50
 """Steps between two calls of the progress callback."""
 SERIAL_WORK = 2**24
@@ -129,6 +137,11 @@ class RoundingProblem:
     """Round-to-nearest's codes."""
     rtn_error: float
     """Round-to-nearest's output error: the reconstruction term is relative to it."""
+    slope: Tensor
+    """``d(dW) / dh``: the scale where rounding up or down gives two codes on the grid, 0 where
+    both clamp to the same code (``base < 0`` or ``base >= maxq``)."""
+    offset: Tensor
+    """``dW`` at ``h = 0``, so that ``dW = offset + slope * h`` (one fused multiply-add a step)."""
 
     @property
     def norm(self) -> float:
@@ -140,26 +153,28 @@ class RoundingProblem:
 
 
 def objective_and_gradient(v: Tensor, prob: RoundingProblem, reg_lambda: float,
-                           beta: float | None) -> tuple[Tensor, Tensor]:
+                           beta: float | None, with_loss: bool = True) -> tuple[Tensor | None, Tensor]:
     """AdaRound's loss ``output_error / norm + reg_lambda * round_regularizer`` (no regularizer
     when ``beta`` is None) and its gradient with respect to ``V``, written out by hand: one
-    ``[out, in] x [in, in]`` product per step (``H`` is symmetric)."""
+    ``[out, in] x [in, in]`` product per step (``H`` is symmetric) and a dozen elementwise passes.
+    The loss is left out (None) unless ``with_loss``: the optimization needs only the gradient."""
     sig = torch.sigmoid(v)
     stretched = sig * (ZETA - GAMMA) + GAMMA
     hv = stretched.clamp(0.0, 1.0)
-    codes = prob.base + hv
-    dw = prob.weight(codes) - prob.w
+    dw = torch.addcmul(prob.offset, prob.slope, hv)
     hdw = dw @ prob.h
     scale = 1.0 / (dw.shape[0] * prob.norm)
-    loss = (hdw * dw).sum() * scale
-    on_grid = (codes >= 0) & (codes <= prob.maxq)
-    grad_h = torch.where(on_grid, hdw * prob.s, 0.0).mul_(2.0 * scale)
+    loss = torch.vdot(hdw.flatten(), dw.flatten()) * scale if with_loss else None
+    grad_h = hdw.mul_(prob.slope).mul_(2.0 * scale)
     if beta is not None and reg_lambda > 0:
-        reg, reg_grad = round_regularizer(hv, beta)
-        loss = loss + reg_lambda * reg
-        grad_h.add_(reg_grad, alpha=reg_lambda)
-    inside = (stretched >= 0.0) & (stretched <= 1.0)
-    return loss, torch.where(inside, grad_h * sig * (1.0 - sig), 0.0).mul_(ZETA - GAMMA)
+        t = hv.mul(2.0).sub_(1.0)
+        a = t.abs()
+        a_pow = a.pow(beta - 1.0)
+        if loss is not None:
+            loss = loss + reg_lambda * (1.0 - torch.vdot(a_pow.flatten(), a.flatten()) / t.numel())
+        grad_h.addcmul_(a_pow, t.sign_(), value=-2.0 * beta * reg_lambda / t.numel())
+    dsig = sig.mul_(1.0 - sig).mul_(ZETA - GAMMA)
+    return loss, torch.where(hv == stretched, grad_h.mul_(dsig), 0.0)
 
 
 @dataclass
@@ -180,8 +195,11 @@ def rounding_problem(w: Tensor, h: Tensor, scales: Tensor, zeros: Tensor, bits: 
     s = expand_groups(scales, w.shape[1], group_size)
     z = expand_groups(zeros, w.shape[1], group_size)
     rtn = rtn_codes(w, s, z, maxq)
-    return RoundingProblem(w, h, s, z, torch.floor(w / s) + z, maxq, rtn,
-                           float(output_error((rtn - z) * s - w, h)))
+    base = torch.floor(w / s) + z
+    free = (base >= 0) & (base < maxq)
+    offset = (base.clamp(0, maxq) - z) * s - w
+    return RoundingProblem(w, h, s, z, base, maxq, rtn, float(output_error((rtn - z) * s - w, h)),
+                           torch.where(free, s, 0.0), offset)
 
 
 def learn_rounding(
@@ -205,17 +223,59 @@ def learn_rounding(
     with Adam; ``on_report(steps_done, loss)`` is called every ``REPORT_EVERY`` steps."""
     prob = rounding_problem(w, h, scales, zeros, bits, group_size)
     v = init_v(w / prob.s + prob.z - prob.base)
-    opt = torch.optim.Adam([v], lr=lr)
+    opt = torch.optim.Adam([v], lr=lr, fused=v.device.type in FUSED_ADAM_DEVICES)
     with serial_if_small(w):
         for step in range(iterations):
             beta = beta_at(step, iterations, warmup, beta_start, beta_end)
-            loss, v.grad = objective_and_gradient(v, prob, reg_lambda, beta)
+            report = on_report is not None and ((step + 1) % REPORT_EVERY == 0 or step + 1 == iterations)
+            loss, v.grad = objective_and_gradient(v, prob, reg_lambda, beta, with_loss=report)
             opt.step()
-            if on_report is not None and ((step + 1) % REPORT_EVERY == 0 or step + 1 == iterations):
+            if on_report is not None and loss is not None:
                 on_report(step + 1, float(loss))
     codes = harden(prob.base, v, prob.maxq)
     error = float(output_error(prob.weight(codes) - w, h))
     return RoundingResult(codes.to(torch.uint8), prob.rtn_error, error, float((codes != prob.rtn).float().mean()))
+
+
+def row_errors(dw: Tensor, h: Tensor) -> Tensor:
+    """``[out]``: each output's error ``dW_r H dW_r^T``."""
+    return ((dw @ h) * dw).sum(dim=1)
+
+
+def grid_error(w: Tensor, h: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> float:
+    """:func:`output_error` of integer ``codes`` on the grid ``(scales, zeros)`` [out, n_groups]."""
+    s = expand_groups(scales, w.shape[1], group_size)
+    z = expand_groups(zeros, w.shape[1], group_size)
+    return float(output_error((codes.float() - z) * s - w, h))
+
+
+def refit_scales(w: Tensor, h: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor,
+                 group_size: int) -> Tensor:
+    """Scales [out, n_groups] that minimize each output's error ``(W_hat - W) H (W_hat - W)^T``
+    for fixed integer ``codes`` and ``zeros``: per row a least-squares problem in its group scales,
+    ``G s = b`` with ``G[g, k] = q_g H_gk q_k^T`` and ``b[g] = q_g (H w)_g`` (``q = codes - zeros``).
+    A row keeps its old scales where the fit is singular, not finite, not positive, or not better."""
+    out_f, in_f = w.shape
+    gs = in_f if group_size == -1 else group_size
+    ng = in_f // gs
+    q = codes.float() - expand_groups(zeros, in_f, group_size)
+    hq = h.reshape(ng, gs, in_f)
+    b = (q * (w @ h)).reshape(out_f, ng, gs).sum(dim=2)
+    chunk = max(1, REFIT_CHUNK_ELEMENTS // (ng * in_f))
+    fitted = []
+    for r in range(0, out_f, chunk):
+        qc = q[r:r + chunk].reshape(-1, ng, gs)
+        t = torch.einsum("rgi,gij->rgj", qc, hq).reshape(-1, ng, ng, gs)
+        g = torch.einsum("rgkj,rkj->rgk", t, qc)
+        ridge = REFIT_RIDGE * g.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
+        g = g + ridge[:, None, None] * torch.eye(ng, dtype=g.dtype, device=g.device)
+        sol, info = torch.linalg.solve_ex(g, b[r:r + chunk])
+        fitted.append(torch.where((info == 0)[:, None], sol, float("nan")))
+    new = torch.cat(fitted)
+    old_err = row_errors(q * expand_groups(scales, in_f, group_size) - w, h)
+    new_err = row_errors(q * expand_groups(new.clamp_min(1e-30), in_f, group_size) - w, h)
+    keep = ~(torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1) & (new_err < old_err))
+    return torch.where(keep[:, None], scales, new).contiguous()
 
 
 def harden(base: Tensor, v: Tensor, maxq: int) -> Tensor:

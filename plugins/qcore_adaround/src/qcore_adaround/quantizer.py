@@ -47,7 +47,7 @@ class AdaRoundQuantizer(BaseQuantizer):
         import torch
 
         from qcore.plugin import QuantizedWeight, quantize_rtn
-        from qcore_adaround.adaround import learn_rounding, serial_if_small
+        from qcore_adaround.adaround import grid_error, learn_rounding, refit_scales, serial_if_small
 
         cfg = self.config
         p = block.precision(name, cfg)
@@ -79,6 +79,10 @@ class AdaRoundQuantizer(BaseQuantizer):
                                  lr=cfg.lr, reg_lambda=cfg.reg_lambda, warmup=cfg.warmup,
                                  beta_start=cfg.beta_start, beta_end=cfg.beta_end, on_report=report)
             entry.update(rtn_error=res.rtn_error, error=res.error, flipped=round(res.flipped, 4))
+            if cfg.scale_refit:
+                with serial_if_small(w):
+                    scales = refit_scales(w, h, res.codes, scales, zeros, p.group_size)
+                    entry["refit_error"] = grid_error(w, h, res.codes, scales, zeros, p.group_size)
             qw = QuantizedWeight(res.codes, scales, zeros, p.bits, p.group_size, p.sym)
         block.quantize_linear(name, qw)
         entry["seconds"] = round(time.perf_counter() - start, 3)

@@ -1,4 +1,4 @@
-"""qcore-awq: activation-aware weight quantization (Lin et al., 2023) as a qcore plugin.
+"""qcore-quant-awq: activation-aware weight quantization (Lin et al., 2023) as a qcore plugin.
 
 Importing this package does not import torch; the search runs in :mod:`qcore_awq.quantizer`.
 """

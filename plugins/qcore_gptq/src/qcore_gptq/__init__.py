@@ -1,4 +1,4 @@
-"""qcore-gptq: GPTQ as a qcore plugin. Importing this package never imports torch."""
+"""qcore-quant-gptq: GPTQ as a qcore plugin. Importing this package never imports torch."""
 from __future__ import annotations
 
 from qcore_gptq.config import GPTQConfig

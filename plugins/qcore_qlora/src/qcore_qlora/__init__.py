@@ -1,4 +1,4 @@
-"""qcore-qlora: a 4-bit (NF4/FP4) bitsandbytes base with LoRA adapters from peft.
+"""qcore-quant-qlora: a 4-bit (NF4/FP4) bitsandbytes base with LoRA adapters from peft.
 
 ``qcore.quantize(model, "qlora", ...)`` converts the decoder blocks' linears to bitsandbytes
 ``Linear4bit`` and attaches LoRA adapters; :func:`qcore_qlora.finetune.finetune` trains them;

@@ -1,4 +1,4 @@
-"""qcore-quarot: QuaRot (Ashkboos et al., 2024) as a qcore plugin.
+"""qcore-quant-quarot: QuaRot (Ashkboos et al., 2024) as a qcore plugin.
 
 Rotations are named as in SpinQuant: R1 on the residual stream (fused into every weight that
 reads or writes it), R2 per attention head on v -> o (fused), R4 an online Hadamard on the input

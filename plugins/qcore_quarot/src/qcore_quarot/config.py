@@ -8,12 +8,15 @@ from qcore.plugin import QuantConfig, allowed, check_per_layer
 W_BITS: tuple[int, ...] = (2, 3, 4, 8)
 A_BITS: tuple[int, ...] = (4, 6, 8, 16)
 """Activation bits; 16 leaves activations in float."""
+KV_BITS: tuple[int, ...] = (4, 8, 16)
+"""KV-cache bits; 16 leaves keys and values in float."""
 
 
 class QuaRotConfig(QuantConfig):
     """Rotate the model exactly with Hadamard transforms (R1 on the residual stream, R2 per
-    attention head on v -> o, R4 online before every down projection), then quantize activations
-    (a_bits < 16) and, when no weight method follows in the chain, the weights with RTN."""
+    attention head on v -> o, R4 online before every down projection, R3 online on queries and
+    keys after RoPE), then quantize activations (a_bits < 16), the KV cache (kv_bits < 16) and,
+    when no weight method follows in the chain, the weights with RTN."""
 
     method = "quarot"
 
@@ -33,17 +36,39 @@ class QuaRotConfig(QuantConfig):
     """Activation bits: 4, 6 or 8 quantize every quantizable linear's input per token at run time; 16 = float."""
     a_sym: bool = True
     """Symmetric per-token activation grid."""
+    kv_bits: int = 16
+    """KV-cache bits: 4 or 8 fake-quantize keys (after R3) and values per token and head, asymmetric, as the attention reads them; 16 = float."""
+    kv_group_size: int = -1
+    """Channels of the head dimension sharing one KV scale and zero point; -1 = the whole head."""
+    r2: bool = True
+    """Apply R2 (per-head Hadamard on v -> o) when rotating (False: an ablation)."""
+    r3: bool | None = None
+    """Apply R3 (online Hadamard on queries and keys after RoPE) when rotating: None = when kv_bits < 16, as QuaRot."""
+    r4: bool = True
+    """Apply R4 (online Hadamard before every down projection) when rotating (False: an ablation)."""
 
-    @field_validator("w_bits", "a_bits")
+    @field_validator("w_bits", "a_bits", "kv_bits")
     @classmethod
     def _bits(cls, v: int, info: ValidationInfo) -> int:
-        choices = W_BITS if info.field_name == "w_bits" else A_BITS
+        choices = {"w_bits": W_BITS, "a_bits": A_BITS, "kv_bits": KV_BITS}[str(info.field_name)]
         return int(check_per_layer(v, allowed(choices), f"{info.field_name} must be one of {choices}"))
 
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int) -> int:
         return int(check_per_layer(v, lambda g: g == -1 or g > 0, "group_size must be -1 (per channel) or positive"))
+
+    @field_validator("kv_group_size")
+    @classmethod
+    def _kv_group(cls, v: int) -> int:
+        if v != -1 and v <= 0:
+            raise ValueError("kv_group_size must be -1 (the whole head) or a positive divisor of the head width")
+        return v
+
+    @property
+    def use_r3(self) -> bool:
+        """Whether R3 runs (rotations on and ``r3``, or ``kv_bits < 16`` when ``r3`` is None)."""
+        return self.rotate and (self.kv_bits < 16 if self.r3 is None else self.r3)
 
     @model_validator(mode="after")
     def _does_something(self) -> QuaRotConfig:

@@ -101,9 +101,9 @@ def has_bias(module: nn.Module) -> bool:
     return isinstance(bias, Tensor) and bool(bias.detach().abs().max() > 0)
 
 
-def head_dim(group: ScaleGroup, config: Any) -> int:
+def head_dim(group: ScaleGroup | None, config: Any) -> int:
     """The head width of an attention's v -> o group (the group's, else the config's), 0 if unknown."""
-    if group.head_dim:
+    if group is not None and group.head_dim:
         return group.head_dim
     width = getattr(config, "head_dim", None)
     if isinstance(width, int) and width > 0:

@@ -14,10 +14,10 @@ ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "qwen3_m
 normalize the attention and MLP outputs, and a rotation cannot pass through their weights; BERT
 is post-norm."""
 
-FOLLOWERS: tuple[str, ...] = ("gptq", "rtn", "hqq")
-"""Weight methods that may follow quarot. Not every weight-only method: AWQ folds scales through
-up -> down, which R4's online Hadamard sits between, so its fold would no longer be exact (the
-core's introspection does not see input transforms)."""
+FOLLOWERS: tuple[str, ...] = ("gptq", "rtn", "hqq", "awq", "adaround", "brecq")
+"""Weight methods that may follow quarot. AWQ folds its scales into the (folded, rotated) norms and
+v -> o exactly; up -> down is skipped there, since R4's online Hadamard sits between them (set in
+``prepare``, so the engine's inspection marks that group unscalable)."""
 
 SPEC = MethodSpec(
     name="quarot",
@@ -40,7 +40,9 @@ SPEC = MethodSpec(
             "RMSNorm; a tied LM head is untied when the folded final norm makes it differ from the embedding",
             "a_bits < 16 quantizes every quantizable linear's input per token (fake-quantized below 8 bits); "
             "followed by a weight method (e.g. gptq) the rotated float weights are left for it",
-            "KV-cache quantization (R3) is not implemented yet",
+            "R3 (online Hadamard on queries and keys after RoPE) and kv_bits < 16 (keys and values fake-quantized "
+            "per token and head, asymmetric) run through transformers' attention interface: a module attached "
+            "to each attention module, saved with the checkpoint",
         ),
     ),
 )
@@ -53,7 +55,8 @@ def qcore_register_methods(register: Callable[[MethodSpec], None]) -> None:
 
 @hookimpl
 def qcore_register_serializers(register: Callable[[Any], None]) -> None:
-    from qcore_quarot.modules import OnlineHadamardSerializer, QuaRotRMSNormSerializer
+    from qcore_quarot.modules import OnlineHadamardSerializer, QKVTransformSerializer, QuaRotRMSNormSerializer
 
     register(OnlineHadamardSerializer())
+    register(QKVTransformSerializer())
     register(QuaRotRMSNormSerializer())

@@ -1,4 +1,4 @@
-"""qcore-smoothquant: SmoothQuant (Xiao et al., 2022) as a qcore plugin.
+"""qcore-quant-smoothquant: SmoothQuant (Xiao et al., 2022) as a qcore plugin.
 
 Importing this package does not import torch; the algorithm runs in :mod:`qcore_smoothquant.quantizer`.
 """

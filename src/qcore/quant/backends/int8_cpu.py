@@ -59,7 +59,7 @@ def int8_codes(pack: Int8Pack) -> Tensor:
 
 def int8_weight_mm(x: Tensor, pack: Int8Pack) -> Tensor:
     """``x [M, K] -> [M, N]`` with bf16 compute (fp32 activations make the kernel ~20x slower)."""
-    xb = x.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16).contiguous()  # the kernel needs unit stride on K (e.g. a transposed input)
     y = torch.ops.aten._weight_int8pack_mm(xb, pack.weight, pack.scales.to(torch.bfloat16)).float()
     if pack.offset is not None:
         y = y + x.float().sum(-1, keepdim=True) * pack.offset

@@ -1,4 +1,4 @@
-"""qcore-pow2: an example qcore plugin written only against ``qcore.plugin``.
+"""qcore-quant-pow2: an example qcore plugin written only against ``qcore.plugin``.
 
 Per linear it moves activation outliers into the weights with power-of-two factors (exact in
 floating point), kept as an online input transform saved with the checkpoint, then rounds the

@@ -2,12 +2,18 @@
 
 A step costs one [out, in] x [in, in] product plus elementwise work, whatever the number of
 calibration tokens, so random data times it as well as real data. Prints the best of ``--repeat``
-runs per shape and the estimate for the 30 blocks at the default 1000 steps per linear.
+runs per shape and the estimate for the 30 blocks at the default 300 steps per linear.
 
-    .venv/bin/python plugins/qcore_adaround/bench/step_time.py --threads 1
-    .venv/bin/python plugins/qcore_adaround/bench/step_time.py --device cuda
+    .venv/bin/python bench/adaround_step_time.py --threads 1
+    .venv/bin/python bench/adaround_step_time.py --device cuda
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# bench/hqq.py would shadow the hqq package (transformers probes it): drop this folder from sys.path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
 import time
@@ -29,7 +35,7 @@ def step_ms(out_f: int, in_f: int, steps: int, repeat: int, device: str) -> floa
     w = (0.05 * torch.randn(out_f, in_f, generator=gen)).to(device)
     h = x.T @ x / x.shape[0]
     scales, zeros = quant_params(w, 3, 64, False)
-    options = {"lr": 0.01, "reg_lambda": 30.0, "warmup": 0.2, "beta_start": 20.0, "beta_end": 2.0}
+    options = {"lr": 0.05, "reg_lambda": 30.0, "warmup": 0.2, "beta_start": 20.0, "beta_end": 2.0}
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
@@ -54,7 +60,7 @@ def main() -> None:
         ms = step_ms(out_f, in_f, args.steps, args.repeat, args.device)
         block_ms += ms * count
         print(f"{name:8s} [{out_f}, {in_f}]: {ms:.2f} ms per step", flush=True)
-    print(f"one block at 1000 steps per linear: {block_ms:.0f} s; 30 blocks: {block_ms * 30 / 3600:.2f} h")
+    print(f"one block at 300 steps per linear: {block_ms * 0.3:.0f} s; 30 blocks: {block_ms * 0.3 * 30 / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""BRECQ options. No torch import."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from qcore.plugin import PerLayer, WeightQuantConfig, allowed, check_per_layer
+
+BRECQ_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+
+
+class BrecqConfig(WeightQuantConfig):
+    """BRECQ (Li et al., 2021): learn the rounding of every linear of a block jointly.
+
+    Per decoder block, one continuous variable V per weight of each quantizable linear (AdaRound's
+    rectified sigmoid h(V), started at the fractional part) is trained with Adam so that the block
+    with fake-quantized weights reproduces the float block's output on the calibration inputs
+    (from the already-quantized blocks), relative to round-to-nearest's error, plus ``reg_lambda``
+    times the mean rounding regularizer ``1 - |2 h(V) - 1|^beta``; then h(V) is hardened to 0 or 1.
+    """
+
+    method = "brecq"
+    iterations: int = Field(200, ge=1)
+    """Adam steps per block (each on about ``batch_tokens`` calibration tokens)."""
+    batch_tokens: int = Field(512, ge=1)
+    """Calibration tokens per step: ``max(1, batch_tokens // seq_len)`` whole windows, drawn at
+    random from one captured batch (4 windows of 128 tokens, 1 of 512)."""
+    lr: float = Field(0.3, gt=0.0)
+    """Adam learning rate of V."""
+    reg_lambda: float = Field(30.0, ge=0.0)
+    """Weight of the rounding regularizer (mean over the block's weights) against the block's
+    output error relative to round-to-nearest's."""
+    warmup: float = Field(0.2, ge=0.0, lt=1.0)
+    """Fraction of the iterations without regularizer (the paper's 20%)."""
+    beta_start: float = Field(20.0, ge=1.0)
+    """Regularizer exponent after the warm-up, decayed linearly to ``beta_end``."""
+    beta_end: float = Field(2.0, ge=1.0)
+    """Regularizer exponent at the last iteration."""
+    loss: Literal["mse", "fisher"] = "mse"
+    """Output error per element: plain squared error, or weighted by the squared gradient of the
+    model's loss with respect to the block output (diagonal Fisher; one gradient pass first)."""
+    learn_scales: bool = False
+    """Also learn each group's scale (a log-scale factor per group, LSQ-style) jointly with V."""
+    scale_lr: float = Field(1e-3, gt=0.0)
+    """Adam learning rate of the log-scale factors (``learn_scales``)."""
+    scale_init: Literal["minmax", "search"] = "search"
+    """Initial scales and zero points: each group's min/max, or the clipping ratio in
+    [clip_min, 1] with the smallest round-to-nearest output error through the group's block of
+    the input Hessian."""
+    clip_min: float = Field(0.7, gt=0.0, le=1.0)
+    """Smallest clipping ratio the ``search`` scale init tries."""
+    step_seed: int = 0
+    """Seed of the random choice of calibration windows per step."""
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: PerLayer) -> PerLayer:
+        return check_per_layer(v, allowed(BRECQ_BITS), "bits must be one of 2, 3, 4, 5, 6 or 8")
+
+    @model_validator(mode="after")
+    def _betas(self) -> BrecqConfig:
+        if self.beta_end > self.beta_start:
+            raise ValueError("beta_end must not exceed beta_start (beta decays, e.g. from 20 to 2)")
+        return self

@@ -1,0 +1,247 @@
+"""BRECQ quantizer: the glue between :mod:`qcore_brecq.brecq` and the core's block engine."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from qcore.plugin import BaseQuantizer, BlockContext, CalibrationError, Needs
+from qcore.plugin import bar, get_logger
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from qcore.plugin import MethodSpec
+    from qcore_brecq.brecq import RoundingVars
+    from qcore_brecq.config import BrecqConfig
+
+log = get_logger("qcore_brecq")
+
+REPORT_EVERY = 10
+"""Steps between two updates of the progress bar's loss."""
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+"""Devices where Adam runs as one fused kernel."""
+
+
+class BrecqQuantizer(BaseQuantizer):
+    """Per block: scales from the clipping search on each linear's input Hessian, then the rounding
+    variables of every quantizable linear trained jointly on the block's reconstruction loss
+    against the float block's outputs, hardened and packed."""
+
+    config: BrecqConfig
+
+    def __init__(self, config: BrecqConfig, spec: MethodSpec) -> None:
+        super().__init__(config, spec)
+        self.blocks: dict[str, dict[str, Any]] = {}
+        """Per block: errors relative to round-to-nearest, flipped and undecided fractions, seconds."""
+
+    def needs(self) -> Needs:
+        return Needs(float_outputs=True, gradients=self.config.loss == "fisher")
+
+    def process_block(self, block: BlockContext) -> None:
+        cfg = self.config
+        names = block.quantizable(cfg)
+        if not names:
+            return
+        if block.inputs is None:
+            raise CalibrationError("brecq needs calibration data: pass calibration= (texts, a file or a "
+                                   "CalibrationData) or a tokenizer for the default text")
+        start = time.perf_counter()
+        targets = block.float_outputs or []
+        weights = self._fisher_weights(block) if cfg.loss == "fisher" else None
+        params = param_names(block.module, {n: block.linear(n) for n in names})
+        rvs = self._init_vars(block, names)
+        frozen = [(p, p.requires_grad) for p in block.module.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        try:
+            rtn = self._error(block, rvs, params, targets, weights, mode="nearest")
+            norm = rtn if rtn > 0 else 1.0
+            step_seconds = self._train(block, rvs, params, targets, weights, norm)
+            final = self._error(block, rvs, params, targets, weights, mode="hard")
+        finally:
+            for p, req in frozen:
+                p.requires_grad_(req)
+        from qcore_brecq.brecq import soft_fraction
+
+        flipped = _flipped(block, rvs)
+        undecided = sum(soft_fraction(rv) * rv.v.numel() for rv in rvs.values()) / sum(rv.v.numel() for rv in rvs.values())
+        self._pack(block, names, rvs)
+        self.blocks[block.name] = {
+            "linears": len(names),
+            "iterations": cfg.iterations,
+            "rtn_error": rtn,
+            "error": final,
+            "error_vs_rtn": round(final / norm, 4),
+            "flipped": round(flipped, 4),
+            "undecided": round(undecided, 4),
+            "step_seconds": round(step_seconds, 4),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        log.debug("brecq %s: error %.4g vs round-to-nearest %.4g", block.name, final, rtn)
+
+    # -- the steps ---------------------------------------------------------------------------------
+    def _fisher_weights(self, block: BlockContext) -> list[Tensor]:
+        from qcore_brecq.brecq import fisher_weight
+
+        grads = block.output_gradients()
+        total = sum(float(g.float().pow(2).sum()) for g in grads)
+        count = sum(g.numel() for g in grads)
+        scale = total / count if total > 0 else 1.0
+        return [fisher_weight(g, scale) for g in grads]
+
+    def _init_vars(self, block: BlockContext, names: list[str]) -> dict[str, RoundingVars]:
+        import torch
+
+        from qcore.plugin import quant_params
+        from qcore_adaround.adaround import search_scales, serial_if_small
+        from qcore_brecq.brecq import rounding_vars
+
+        cfg = self.config
+        stats = block.observe(names, "hessian") if cfg.scale_init == "search" else {}
+        rvs = {}
+        for name in names:
+            p = block.precision(name, cfg)
+            w = block.linear(name).weight.detach().float()
+            if not bool(torch.isfinite(w).all()):
+                raise CalibrationError(f"weight of {block.name}.{name} contains NaN or inf; fix the model "
+                                       "before quantizing")
+            stat = stats.get(name)
+            h = stat["hessian"].to(w.device, torch.float32) / 2 if stat is not None else None
+            if h is not None and int(stat["nsamples"]) > 0 and bool(torch.isfinite(h).all()):
+                with serial_if_small(w):
+                    scales, zeros = search_scales(w, h, p.bits, p.group_size, p.sym, cfg.clip_min)
+            else:
+                scales, zeros = quant_params(w, p.bits, p.group_size, p.sym)
+            rvs[name] = rounding_vars(w, scales, zeros, p.bits, p.group_size, cfg.learn_scales)
+        return rvs
+
+    def _run(self, block: BlockContext, params: dict[str, str], weights: dict[str, Tensor], i: int,
+             idx: Tensor | None = None) -> Tensor:
+        """The block on batch ``i`` (windows ``idx``) with its linears' weights replaced."""
+        from torch.func import functional_call
+
+        from qcore_brecq.brecq import first_tensor, slice_windows
+
+        args, kwargs = block.inputs[i]
+        if idx is not None:
+            batch = _batch_of(args, kwargs)
+            args, kwargs = slice_windows(args, idx, batch), slice_windows(kwargs, idx, batch)
+        return first_tensor(functional_call(block.module, {params[n]: w for n, w in weights.items()},
+                                            args, kwargs))
+
+    def _error(self, block: BlockContext, rvs: dict[str, RoundingVars], params: dict[str, str],
+               targets: list[Tensor], weights: list[Tensor] | None, mode: str) -> float:
+        """The reconstruction error over every calibration window: round-to-nearest (``nearest``)
+        or the hardened learned rounding (``hard``)."""
+        import torch
+
+        from qcore_brecq.brecq import dequantize, fake_quant, nearest_codes, reconstruction_error
+
+        with torch.no_grad():
+            if mode == "nearest":
+                ws = {n: dequantize(nearest_codes(block.linear(n).weight, rv), rv.scales, rv.zeros, rv.group_size)
+                      for n, rv in rvs.items()}
+            else:
+                ws = {n: fake_quant(rv, hard=True) for n, rv in rvs.items()}
+            total, count = 0.0, 0
+            for i, target in enumerate(targets):
+                out = self._run(block, params, ws, i)
+                wt = weights[i].to(out.device) if weights is not None else None
+                total += float(reconstruction_error(out, target, wt)) * target.numel()
+                count += target.numel()
+        return total / max(count, 1)
+
+    def _train(self, block: BlockContext, rvs: dict[str, RoundingVars], params: dict[str, str],
+               targets: list[Tensor], weights: list[Tensor] | None, norm: float) -> float:
+        """Adam on the rounding variables (and scales); returns the mean seconds per step."""
+        import torch
+
+        from qcore_adaround.adaround import beta_at, rectified_sigmoid
+        from qcore_brecq.brecq import fake_quant, reconstruction_error, round_regularizer
+
+        cfg = self.config
+        groups = [{"params": [rv.v for rv in rvs.values()], "lr": cfg.lr}]
+        if cfg.learn_scales:
+            groups.append({"params": [rv.log_scale for rv in rvs.values()], "lr": cfg.scale_lr})
+        opt = torch.optim.Adam(groups, fused=next(iter(rvs.values())).v.device.type in FUSED_ADAM_DEVICES)
+        gen = torch.Generator().manual_seed(cfg.step_seed * 100_003 + block.index)
+        sizes = [t.shape[0] for t in targets]
+        seq_len = targets[0].shape[1] if targets[0].dim() > 2 else 1  # outputs are [windows, tokens, hidden]
+        windows = max(1, cfg.batch_tokens // seq_len)
+        progress = bar(cfg.iterations, f"brecq {block.name}", unit="step")
+        start = time.perf_counter()
+        try:
+            for step in range(cfg.iterations):
+                beta = beta_at(step, cfg.iterations, cfg.warmup, cfg.beta_start, cfg.beta_end)
+                i = int(torch.randint(len(targets), (1,), generator=gen))
+                idx = torch.randperm(sizes[i], generator=gen)[:windows]
+                idx = None if len(idx) == sizes[i] else idx.sort().values
+                hs = {n: rectified_sigmoid(rv.v) for n, rv in rvs.items()}
+                out = self._run(block, params, {n: fake_quant(rv, h=hs[n]) for n, rv in rvs.items()}, i, idx)
+                target = targets[i] if idx is None else targets[i].index_select(0, idx.to(targets[i].device))
+                wt = None
+                if weights is not None:
+                    wt = weights[i] if idx is None else weights[i].index_select(0, idx)
+                    wt = wt.to(out.device)
+                loss = reconstruction_error(out, target, wt) / norm
+                rec = float(loss.detach())
+                if beta is not None and cfg.reg_lambda > 0:
+                    loss = loss + cfg.reg_lambda * round_regularizer(list(hs.values()), beta)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if (step + 1) % REPORT_EVERY == 0 or step + 1 == cfg.iterations:
+                    progress.update((step + 1) - progress.n)
+                    progress.set_postfix(rec=f"{rec:.4g}", loss=f"{float(loss.detach()):.4g}", refresh=False)
+        finally:
+            progress.close()
+        return (time.perf_counter() - start) / cfg.iterations
+
+    def _pack(self, block: BlockContext, names: list[str], rvs: dict[str, RoundingVars]) -> None:
+        import torch
+
+        from qcore.plugin import QuantizedWeight
+        from qcore_brecq.brecq import hard_codes
+
+        for name in names:
+            rv = rvs[name]
+            p = block.precision(name, self.config)
+            with torch.no_grad():
+                scales = rv.current_scales().detach().clone()
+            block.quantize_linear(name, QuantizedWeight(hard_codes(rv), scales, rv.zeros.clone(), p.bits,
+                                                        p.group_size, p.sym))
+
+    def record(self) -> dict[str, Any]:
+        return {"seconds": round(sum(b["seconds"] for b in self.blocks.values()), 3),
+                "blocks": self.blocks}
+
+
+def param_names(module: nn.Module, linears: dict[str, nn.Module]) -> dict[str, str]:
+    """Each linear's weight as the name of a parameter of ``module`` (for ``functional_call``)."""
+    by_id = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    out = {}
+    for name, lin in linears.items():
+        weight = getattr(lin, "weight", None)
+        if weight is None or id(weight) not in by_id:
+            raise CalibrationError(f"linear {name} has no weight parameter inside its block; brecq can "
+                                   "only quantize float linears (nn.Linear)")
+        out[name] = by_id[id(weight)]
+    return out
+
+
+def _flipped(block: BlockContext, rvs: dict[str, RoundingVars]) -> float:
+    """Fraction of weights whose final code differs from round-to-nearest's on the initial grid."""
+    from qcore_brecq.brecq import hard_codes, nearest_codes
+
+    diff = total = 0
+    for name, rv in rvs.items():
+        near = nearest_codes(block.linear(name).weight.detach(), rv)
+        diff += int((hard_codes(rv).float() != near).sum())
+        total += near.numel()
+    return diff / max(total, 1)
+
+
+def _batch_of(args: tuple, kwargs: dict) -> int:
+    """Windows in a block call (the hidden states' first dimension)."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return int(hidden.shape[0])
