@@ -160,10 +160,12 @@ def _calibration(args: argparse.Namespace, tok: Any) -> Any:
     return get_calibration(args.calibration, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=0)
 
 
-def with_act_kv(model: Any, a_bits: int, kv_bits: int, r3: bool, seed: int) -> Any:
+def with_act_kv(model: Any, a_bits: int, kv_bits: int, r3: bool, seed: int, a_clip: float | None = None,
+                kv_clip: float = 1.0) -> Any:
     """A copy of a weight-quantized ``model`` whose block linears quantize their inputs per token
-    at ``a_bits`` (symmetric, as quarot) and whose attentions carry R3 (when ``r3``) and the
-    ``kv_bits`` KV quantization: what ``quarot`` would add, on the same weights."""
+    at ``a_bits`` (symmetric, clipped at ``a_clip``: None = quarot's default for ``a_bits``) and whose
+    attentions carry R3 (when ``r3``) and the ``kv_bits`` KV quantization: what ``quarot`` would
+    add, on the same weights."""
     from qcore.arch.introspect import inspect_model
     from qcore.plugin import ActQuant, QuantLinear
     from qcore.quant.attention import attach
@@ -171,10 +173,13 @@ def with_act_kv(model: Any, a_bits: int, kv_bits: int, r3: bool, seed: int) -> A
     from qcore_quarot.layout import head_dim
     from qcore_quarot.modules import QKVTransform
 
+    from qcore_quarot.config import QuaRotConfig
+
+    clip = QuaRotConfig.from_options(a_bits=a_bits, a_clip=a_clip).act_clip
     out = copy.deepcopy(model)
     for module in out.modules():
         if isinstance(module, QuantLinear):
-            module.act = ActQuant(a_bits, dynamic=True, sym=True) if a_bits < 16 else None
+            module.act = ActQuant(a_bits, dynamic=True, sym=True, clip=clip) if a_bits < 16 else None
     if kv_bits < 16 or r3:
         width = head_dim(None, out.config)
         block, kind = hadamard_block(width, seed)
@@ -183,7 +188,7 @@ def with_act_kv(model: Any, a_bits: int, kv_bits: int, r3: bool, seed: int) -> A
             for name, info in b.linears.items():
                 if info.role == "o":
                     attach(out, f"{b.name}.{name.rpartition('.')[0]}",
-                           QKVTransform.of(width, shared, kind if r3 else "", kv_bits, -1))
+                           QKVTransform.of(width, shared, kind if r3 else "", kv_bits, -1, kv_clip))
     return out
 
 
@@ -248,6 +253,42 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     del rotated
     if args.peers:
         rows += peers(args, base, tok, calib)
+    return rows
+
+
+CLIPS_A: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)
+CLIPS_KV: tuple[float, ...] = (1.0, 0.95, 0.9)
+
+
+def clip_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Activation and KV clip ratios on one rotated GPTQ model (weights quantized once, with float
+    activations, as the table's reused rows): W4A4 at each ``a_clip``, then W4A4KV4 at each
+    ``kv_clip`` with the best ``a_clip``."""
+    import torch
+
+    import qcore
+    from qcore.eval import perplexity
+    from qcore.models import load_model
+
+    torch.manual_seed(0)
+    base, tok = load_model(args.model)
+    base.eval()
+    calib = _calibration(args, tok)
+    qcore.quantize(base, ["quarot", "gptq"], calibration=calib, bits=4, group_size=args.group_size,
+                   rotation_seed=args.rotation_seed)
+    rows: list[dict[str, Any]] = []
+
+    def add(label: str, a_clip: float, kv_bits: int, kv_clip: float) -> float:
+        model = with_act_kv(base, 4, kv_bits, kv_bits < 16, args.rotation_seed, a_clip, kv_clip)
+        ppl = perplexity(model, args.eval_text, tok, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens).ppl
+        rows.append({"section": label, "row": f"a_clip={a_clip} kv_clip={kv_clip}", "ppl": ppl, "seconds": None,
+                     "rotation_seconds": None})
+        print(json.dumps(rows[-1]), flush=True)
+        return ppl
+
+    best = min(CLIPS_A, key=lambda c: add("W4A4 rotated, GPTQ weights", c, 16, 1.0))
+    for kv_clip in CLIPS_KV:
+        add("W4A4KV4 rotated, GPTQ weights", best, 4, kv_clip)
     return rows
 
 
@@ -396,6 +437,8 @@ def main() -> None:
     ap.add_argument("--layer-error", action="store_true", help="instead of the table: per-role W4 RTN output "
                     "error, float vs rotated, on --tokens tokens of --eval-text, and the massive-activation channels")
     ap.add_argument("--tokens", type=int, default=512, help="tokens for --layer-error")
+    ap.add_argument("--clip-sweep", action="store_true", help="instead of the table: W4A4 and W4A4KV4 perplexity "
+                    "at each activation and KV clip ratio, on one rotated GPTQ model")
     args = ap.parse_args()
     if args.peer:
         peer_main(args.peer, json.loads(args.peer_config))
@@ -406,7 +449,7 @@ def main() -> None:
     import torch
 
     start = time.perf_counter()
-    rows = bench(args)
+    rows = clip_sweep(args) if args.clip_sweep else bench(args)
     wall = time.perf_counter() - start
     print()
     print(f"model {args.model}; GPTQ group {args.group_size}; calibration {args.calibration} "

@@ -29,25 +29,11 @@ from qcore.plugin.errors import (
     QcoreError,
 )
 from qcore.registry import get_method
-from qcore.testing import tiny_calibration
+from qcore.testing import char_tokenizer, tiny_calibration
 from qcore.tiny import tiny_model
 
 GROUP = 32
 TEXT = " ".join(string.ascii_letters + string.digits for _ in range(60))  # ~3.7k characters = tokens
-
-
-def char_tokenizer(folder: Path) -> Path:
-    """A character-level tokenizer (ids below the tiny models' vocabulary of 128), saved to ``folder``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = sorted(set(string.printable) - set(string.whitespace))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from qcore.tiny import tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 COMMIT_V1 = "fedcba9876543210fedcba9876543210fedcba98"
-COMMANDS = ["list", "plugins", "compat", "check", "quantize", "eval", "info", "finetune"]
+COMMANDS = ["list", "plugins", "compat", "check", "quantize", "eval", "info", "export", "finetune"]
 
 
 # -- install: nothing compiled -----------------------------------------------------------------------
@@ -316,9 +316,25 @@ def test_progress_only_on_a_terminal_unless_forced(env: str | None, tty: bool, e
     assert progress.progress_enabled() is expected
 
 
+LIBRARY_BAR = ("import io, sys; from qcore.cli import main; main(['list']); from tqdm.auto import tqdm; "
+               "b = io.StringIO(); [None for _ in tqdm(range(3), file=b)]; sys.stdout.write('BAR=' + repr(b.getvalue()))")
+
+
+@pytest.mark.parametrize("forced,drawn", [(None, False), ("1", True)])
+def test_cli_off_a_terminal_silences_libraries_bars(forced: str | None, drawn: bool) -> None:
+    """transformers' GGUF conversion draws a plain tqdm bar; the CLI turns tqdm off when qcore's bars are off."""
+    env = {k: v for k, v in os.environ.items() if k not in ("QCORE_PROGRESS", "TQDM_DISABLE")}
+    if forced:
+        env["QCORE_PROGRESS"] = forced
+    out = subprocess.run([sys.executable, "-c", LIBRARY_BAR], capture_output=True, text=True, env=env, check=True).stdout
+    bar = out.split("BAR=", 1)[1]
+    assert (bar != "''") is drawn, bar
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_json(command: str) -> None:
-    needs = {"check": ["m"], "eval": ["m"], "info": ["d"], "quantize": ["--out", "o"], "finetune": ["--data", "d", "--out", "o"]}
+    needs = {"check": ["m"], "eval": ["m"], "info": ["d"], "quantize": ["--out", "o"], "finetune": ["--data", "d", "--out", "o"],
+             "export": ["d", "--format", "gguf", "--out", "o"]}
     args = build_parser().parse_args([command, *needs.get(command, []), "--json"])
     assert args.json == "-"
     assert build_parser().parse_args([command, *needs.get(command, []), "--json", "r.json"]).json == "r.json"

@@ -60,18 +60,13 @@ def api(fn: Callable[[Path], Any]) -> Callable[[Path], tuple[str, str]]:
 # -- fixtures written once into the temporary folder -------------------------------------------
 def prepare(tmp: Path) -> None:
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import qcore
+    from qcore.testing import char_tokenizer
     from qcore.tiny import tiny_model
 
-    chars = sorted(set(string.printable) - set(string.whitespace))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(tmp / "tok")
+    char_tokenizer(tmp / "tok")
     tiny_model("llama").save_pretrained(tmp / "model")
     (tmp / "model" / "NOTES.md").write_text("my notes")
     broken = tiny_model("llama")

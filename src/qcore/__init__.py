@@ -35,6 +35,7 @@ _LAZY = {
     "load": "qcore.checkpoint",
     "finetune": "qcore.pipeline.api",
     "inspect_model": "qcore.arch.introspect",
+    "export": "qcore.formats",
 }
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from qcore.compat import check
     from qcore.arch.introspect import inspect_model
     from qcore.checkpoint import load, save
+    from qcore.formats import export
 
 
 def __getattr__(name: str) -> Any:
@@ -54,7 +56,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "API_VERSION", "BaseQuantizer", "CalibrationError", "Capabilities", "CheckpointError", "CompatibilityError",
-    "ConfigError", "MethodSpec", "PluginLoadError", "QcoreError", "QuantConfig", "Quantizer",
+    "ConfigError", "MethodSpec", "export", "PluginLoadError", "QcoreError", "QuantConfig", "Quantizer",
     "UnknownMethodError", "WeightQuantConfig", "__version__", "check", "finetune", "get_method",
     "hookimpl", "inspect_model", "list_methods", "list_plugins", "load", "quantize", "save",
 ]

@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     from qcore.cli_output import quiet_known_warnings
+    from qcore.progress import progress_enabled
 
     quiet_known_warnings()
+    if not progress_enabled() and "tqdm" not in sys.modules:  # libraries' own bars too (tqdm reads it on import)
+        os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
@@ -53,8 +56,8 @@ def _main(argv: list[str] | None) -> int:
             raise
         print(f"qcore: error: {flag_words(str(exc))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("qcore: interrupted; no output was written in place", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"qcore: interrupted; {exc or 'no output was written in place'}", file=sys.stderr)
         return 130
     except Exception as exc:  # an unexpected failure: still one line, the traceback with --debug
         if args.debug:
@@ -106,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace --out if it holds an earlier qcore output "
                    "(and nothing else)")
     s.add_argument("--eval", action="store_true", help="report float vs quantized perplexity and size")
+    s.add_argument("--stream", action="store_true", help="models larger than memory: read MODEL (a folder of "
+                   "safetensors) one block at a time and write each finished block; an interrupted run resumes "
+                   "when the same command is run again")
+    s.add_argument("--restart", action="store_true", help="with --stream: discard the state of an interrupted "
+                   "run instead of resuming it")
     _eval_args(s)
     _source_args(s)
     _json_arg(s)
@@ -114,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="perplexity of a model or a qcore checkpoint")
     s.add_argument("model", help="model name, HF directory or qcore checkpoint directory")
     _eval_args(s)
+    s.add_argument("--stream", action="store_true", help="models larger than memory: read MODEL (a qcore "
+                   "checkpoint or a folder of safetensors) one block at a time and run every window through it")
     _tokenizer_arg(s)
     _source_args(s)
     _json_arg(s)
@@ -125,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "this image (.png, .pdf, .svg; needs matplotlib)")
     _json_arg(s)
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("export", help="write a qcore checkpoint in another runtime's format",
+                       description="Export the qcore checkpoint DIR to --format (checked first: what the "
+                                   "format cannot hold is refused before anything is written).")
+    s.add_argument("path", metavar="DIR", help="qcore checkpoint directory")
+    s.add_argument("--format", required=True, help="compressed-tensors (pack-quantized, 4/8-bit weight-only: "
+                   "transformers and vLLM load it)")
+    s.add_argument("--out", required=True, help="output folder (or file, for gguf)")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    _json_arg(s)
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("finetune", help="fine-tune a QLoRA adapter (needs qcore-quant-qlora)")
     s.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -314,6 +335,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     inputs = (args.model,) if Path(args.model).expanduser().exists() else ()
     checkpoint.check_target(args.out, args.overwrite, inputs)  # before the slow work
     _check_options_early(args, options)
+    if args.stream:
+        return _quantize_streaming(args, options)
+    if args.restart:
+        raise ConfigError("--restart applies to streamed runs: add --stream")
     model, tok = _load_model(args.model, args)
     tok = _tokenizer(args, tok)
     _require_tokenizer(args, options, tok)
@@ -342,12 +367,37 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_streaming(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """``qcore quantize DIR --stream --out OUT``: block by block from the safetensors files."""
+    import qcore
+
+    if args.eval:
+        raise ConfigError("--eval loads the float model whole, which --stream avoids: evaluate the output "
+                          "afterwards with: qcore eval OUT")
+    tok = _tokenizer(args, None)
+    calib_source, _, _ = _sources(args)  # the calibration text of an in-memory run
+    start = time.perf_counter()
+    out = qcore.quantize(args.model, args.method if len(args.method) > 1 else args.method[0],
+                         calibration=calib_source, tokenizer=tok, n_samples=args.n_samples, seq_len=args.seq_len,
+                         seed=args.seed, device=args.device, out=args.out, overwrite=args.overwrite,
+                         restart=args.restart, **options)
+    seconds = round(time.perf_counter() - start, 2)
+    emit(args.json, {"model": args.model, "method": args.method, "options": options, "out": str(out),
+                     "quantize_seconds": seconds, "stream": True},
+         f"saved {out} ({' + '.join(args.method)}, streamed, {seconds} s)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_options_early(args, None)
-    model, tok = _load_model(args.model, args)
-    tok = _tokenizer(args, tok)
-    _, texts, name = _sources(args)
-    res = _perplexity(model, tok, texts, args)
+    if args.stream:
+        _, texts, name = _sources(args)
+        res = _perplexity_streamed(args, texts)
+    else:
+        model, tok = _load_model(args.model, args)
+        tok = _tokenizer(args, tok)
+        _, texts, name = _sources(args)
+        res = _perplexity(model, tok, texts, args)
     emit(args.json, {"model": args.model, "data": name, **res},
          _table([("model", "data", "tokens", "seq_len", "perplexity"),
                  (args.model, name, str(res["tokens"]), str(res["seq_len"]), f"{res['perplexity']:.3f}")]))
@@ -363,6 +413,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.plot:
         text += f"\nplot: {plot_layers(desc, args.plot)}"
     emit(args.json, desc, text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qcore.formats import export
+
+    out = export(args.path, args.out, args.format, overwrite=args.overwrite)
+    emit(args.json, {"path": args.path, "format": args.format, "out": str(out)},
+         f"exported {args.path} as {args.format} to {out}")
     return 0
 
 
@@ -558,6 +617,27 @@ def _perplexity(model: Any, tok: Any, texts: list[str], args: argparse.Namespace
     res = perplexity(model, texts, tokenizer=tok, seq_len=seq_len, max_tokens=args.eval_tokens)
     return {"perplexity": float(res.ppl), "tokens": int(res.n_predicted), "seq_len": seq_len,
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _perplexity_streamed(args: argparse.Namespace, texts: list[str]) -> dict[str, Any]:
+    """``qcore eval DIR --stream``: :func:`qcore.eval.perplexity_streamed`, one block in memory at a time."""
+    from qcore.eval import perplexity_streamed
+
+    if getattr(args, "revision", None) is not None:
+        raise ConfigError("--revision applies to Hub models, which --stream does not read: pass a local folder")
+    cfg = Path(args.model) / "config.json"
+    if args.eval_seq_len is not None and cfg.is_file():  # named as the flag, before the model is built
+        from types import SimpleNamespace
+
+        from qcore.pipeline.validate import check_seq_len
+
+        config = SimpleNamespace(**json.loads(cfg.read_text(encoding="utf-8")))
+        check_seq_len(SimpleNamespace(config=config), args.eval_seq_len, "eval_seq_len")
+    tok = _tokenizer(args, None)
+    res = perplexity_streamed(args.model, texts, tokenizer=tok, seq_len=args.eval_seq_len,
+                              max_tokens=args.eval_tokens)
+    return {"perplexity": float(res.ppl), "tokens": int(res.n_predicted), "seq_len": res.seq_len,
+            "seconds": round(res.seconds, 2), "stream": True}
 
 
 def _sizes(model: Any) -> dict[str, int]:

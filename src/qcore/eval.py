@@ -20,8 +20,10 @@ this is the same number. KL divergence (:func:`kl_divergence`) is the mean over 
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -157,38 +159,82 @@ def perplexity(model: nn.Module, data: Any, tokenizer: Any = None, seq_len: int 
     ``data``: texts (list of strings, .txt/.jsonl file, directory, dataset name, ``None`` for
     the built-in pydoc text) or a tensor of token ids. ``max_tokens`` caps the stream length.
     """
+    t0 = time.perf_counter()
+    ids, desc, sha, win = _eval_windows(model, data, tokenizer, seq_len, max_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        batches = win.split(max(1, batch_size))
+        total = _total_nll((_logits(model, b) for b in batches), batches, len(win))
+    finally:
+        model.train(was_training)
+    return _result(total, ids, win, desc, sha, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def perplexity_streamed(path: str | os.PathLike[str], data: Any, tokenizer: Any = None,
+                        seq_len: int | None = None, max_tokens: int | None = None,
+                        batch_size: int = DEFAULT_BATCH_SIZE) -> PerplexityResult:
+    """:func:`perplexity` of the qcore checkpoint or float safetensors folder ``path`` without
+    loading it whole: one block in memory at a time (:mod:`qcore.pipeline.blockwise`).
+
+    ``tokenizer``: the folder's own when ``None`` and ``data`` is text. ``seq_len``: the default,
+    capped at the model's positions, when ``None``.
+    """
+    from qcore.pipeline.blockwise import blockwise_logits, open_lazy
+    from qcore.pipeline.validate import check_seq_len
+
+    t0 = time.perf_counter()
+    lazy = open_lazy(path)
+    try:
+        if tokenizer is None and not isinstance(data, Tensor):
+            tokenizer = lazy.tokenizer()
+        seq_len = check_seq_len(lazy.model, seq_len)
+        ids, desc, sha, win = _eval_windows(lazy.model, data, tokenizer, seq_len, max_tokens)
+        batch_size = max(1, batch_size)
+        with closing(blockwise_logits(lazy, win, batch_size, _logits)) as logits:
+            total = _total_nll(logits, win.split(batch_size), len(win))
+    finally:
+        lazy.shards.close()
+    return _result(total, ids, win, desc, sha, time.perf_counter() - t0)
+
+
+def _eval_windows(model: nn.Module, data: Any, tokenizer: Any, seq_len: int,
+                  max_tokens: int | None) -> tuple[Tensor, str, str, Tensor]:
+    """``(stream, description, sha256, windows)`` of the evaluation data, checked against the model."""
     _check_causal(model)
     if seq_len < 2:
         raise CalibrationError(f"seq_len must be at least 2 to predict anything (got {seq_len})")
-    t0 = time.perf_counter()
     ids, desc, sha = token_stream(data, tokenizer)
     ids = ids[: int(max_tokens)] if max_tokens is not None else ids
     from qcore.pipeline.validate import check_token_ids
 
     check_token_ids(model, ids, "the evaluation text")
-    win = windows(ids, seq_len)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    try:
-        for i, batch in enumerate(progress(win.split(max(1, batch_size)), desc="perplexity",
-                                           total=math.ceil(len(win) / max(1, batch_size)), unit="batch")):
-            nll_batch = float(window_nll(_logits(model, batch), batch).double().sum())
-            if not math.isfinite(nll_batch):
-                first = i * max(1, batch_size)
-                raise NonFiniteError(
-                    f"the model's loss is {nll_batch} on evaluation windows {first}-{first + len(batch) - 1} "
-                    f"(of {len(win)}, {seq_len} tokens each): its logits are not finite, so there is no "
-                    "perplexity to report; the model is broken (non-finite weights, or a dtype that "
-                    "overflows): run qcore check on it, or evaluate in float32")
-            total += nll_batch
-    finally:
-        model.train(was_training)
-    n_pred = win.shape[0] * (seq_len - 1)
+    return ids, desc, sha, windows(ids, seq_len)
+
+
+def _total_nll(logits: Iterable[Tensor], batches: Sequence[Tensor], n_windows: int) -> float:
+    """Summed NLL of every batch's windows from their logits; a non-finite loss is an error."""
+    total, first = 0.0, 0
+    for lg, batch in zip(progress(logits, desc="perplexity", total=len(batches), unit="batch"), batches):
+        nll_batch = float(window_nll(lg, batch).double().sum())
+        if not math.isfinite(nll_batch):
+            raise NonFiniteError(
+                f"the model's loss is {nll_batch} on evaluation windows {first}-{first + len(batch) - 1} "
+                f"(of {n_windows}, {batch.shape[1]} tokens each): its logits are not finite, so there is no "
+                "perplexity to report; the model is broken (non-finite weights, or a dtype that "
+                "overflows): run qcore check on it, or evaluate in float32")
+        total += nll_batch
+        first += len(batch)
+    return total
+
+
+def _result(total: float, ids: Tensor, win: Tensor, desc: str, sha: str, seconds: float) -> PerplexityResult:
+    n_pred = win.shape[0] * (win.shape[1] - 1)
     nll = total / n_pred
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_predicted=n_pred, n_windows=int(win.shape[0]),
-                            seq_len=seq_len, n_tokens=int(ids.numel()), data=desc, sha256=sha,
-                            seconds=time.perf_counter() - t0)
+                            seq_len=int(win.shape[1]), n_tokens=int(ids.numel()), data=desc, sha256=sha,
+                            seconds=seconds)
 
 
 def kl_per_position(logits_p: Tensor, logits_q: Tensor) -> Tensor:

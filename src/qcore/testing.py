@@ -50,6 +50,22 @@ def tiny_calibration(vocab_size: int = 128, n_samples: int = 4, seq_len: int = 3
                                                   "seq_len": seq_len, "seed": seed})
 
 
+def char_tokenizer(folder: Path) -> Path:
+    """A character-level tokenizer (ids below the tiny models' vocabulary of 128), saved to ``folder``."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set(string.whitespace))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
 def imports_torch(module: str) -> bool:
     """Whether importing ``module`` in a fresh interpreter pulls in torch."""
     code = f"import sys, importlib; importlib.import_module({module!r}); print('torch' in sys.modules)"

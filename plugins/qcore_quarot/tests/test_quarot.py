@@ -241,9 +241,45 @@ def test_config_validation() -> None:
 
     for bad, text in [({"w_bits": 16}, "w_bits"), ({"a_bits": 2}, "a_bits"), ({"group_size": 0}, "group_size"),
                       ({"rotate": False, "quantize": False}, "change nothing"), ({"kv_bits": 2}, "kv_bits"),
-                      ({"kv_group_size": -2}, "kv_group_size")]:
+                      ({"kv_group_size": -2}, "kv_group_size"), ({"a_clip": 0.0}, "a_clip"),
+                      ({"kv_clip": 1.5}, "kv_clip")]:
         with pytest.raises(qcore.ConfigError, match=text):
             QuaRotConfig.from_options(**bad)
+    assert [QuaRotConfig.from_options(a_bits=b).act_clip for b in (4, 8, 16)] == [0.9, 1.0, 1.0]
+    assert QuaRotConfig.from_options(a_bits=4, a_clip=1.0).act_clip == 1.0
+
+
+def test_clipped_grids_cover_part_of_each_tokens_range() -> None:
+    """clip < 1 shrinks each token's grid: values beyond clip * max saturate, finer steps inside."""
+    from qcore.plugin import ActQuant, fake_quant_act
+    from qcore_quarot.modules import fake_quant_kv
+
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    for clip in (1.0, 0.8):
+        q = fake_quant_act(x, ActQuant(4, dynamic=True, sym=True, clip=clip))
+        assert torch.all(q.abs().amax(-1) <= clip * x.abs().amax(-1) * (1 + 1e-6))
+        heads = x.view(64, 2, 16)
+        hi, lo = heads.amax(-1).clamp(min=0), heads.amin(-1).clamp(max=0)
+        half_step = clip * (hi - lo) / 15 / 2  # the zero point is rounded: the grid shifts by at most this
+        kv = fake_quant_kv(heads, 4, -1, clip)
+        assert torch.all(kv.amax(-1) <= clip * hi + half_step + 1e-5)
+    small = x.abs() < 0.5 * x.abs().amax(-1, keepdim=True)  # inside the clipped range: finer grid
+    err = {c: (fake_quant_act(x, ActQuant(4, dynamic=True, sym=True, clip=c)) - x)[small].abs().mean() for c in (1.0, 0.8)}
+    assert err[0.8] < err[1.0], err
+    assert "clip" not in ActQuant(4, dynamic=True).to_dict()
+    assert ActQuant.from_dict(ActQuant(4, dynamic=True, clip=0.9).to_dict()).clip == 0.9
+
+
+def test_clipped_w4a4kv4_checkpoint_loads_bit_exactly(tmp_path) -> None:  # noqa: ANN001
+    model = tiny_model("llama")
+    _randomize_norms(model)
+    ids = tiny_inputs(model)
+    qcore.quantize(model, "quarot", w_bits=4, a_bits=4, a_clip=0.9, kv_bits=4, kv_clip=0.95)
+    out = _logits(model, ids)
+    back = qcore.load(qcore.save(model, tmp_path / "clip"))
+    assert {m.kv_clip for m in back.modules() if isinstance(m, QKVTransform)} == {0.95}
+    assert {getattr(m, "act", None) and m.act.clip for m in back.modules() if isinstance(m, QuantLinear)} == {0.9}
+    assert torch.equal(_logits(back, ids), out)
 
 
 def test_awq_follows_without_folding_through_r4() -> None:

@@ -31,6 +31,10 @@ MARKER_FILE = ".qcore-written.json"
 folder carrying it (and holding nothing else) may be replaced, and only when asked to."""
 TMP_INFIX = ".qcore-tmp-"
 OLD_INFIX = ".qcore-old-"
+PARTIAL_INFIX = ".qcore-partial"
+"""``.<name>.qcore-partial`` beside an output: the resumable state of a streamed run
+(:mod:`qcore.pipeline.stream`). Never deleted here: rerunning the same command resumes from it."""
+LOCK_FILE = "lock"
 
 
 # -- single files ---------------------------------------------------------------------------------
@@ -182,9 +186,30 @@ def clean_leftovers(target: Path) -> list[Path]:
     elif old:
         log.warning("%s is missing but an interrupted write left its earlier version at %s: rename it back",
                     target, old[-1])
+    partial = parent / f".{target.name}{PARTIAL_INFIX}"
+    if partial.is_dir() and not partial_in_use(partial):
+        log.warning("%s holds the resumable state of an interrupted streamed quantization of %s: rerun the same "
+                    "command to resume it, or delete that folder", partial, target)
     for r in removed:
         log.info("removed %s, left by an interrupted write", r)
     return removed
+
+
+def partial_in_use(partial: Path) -> bool:
+    """Whether a live process holds the lock of the streamed-run state folder ``partial``."""
+    import fcntl
+
+    try:
+        fd = os.open(partial / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+    return False
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,34 +45,87 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype
     sha256 against the one recorded at save time. With ``with_tokenizer=True`` returns
     ``(model, tokenizer)``.
     """
+    ckpt = open_checkpoint(path, dtype, verify=verify)
+    model = ckpt.model
+    assign_tensors(ckpt, read_tensors(ckpt.root, ckpt.files, device))
+    if dtype is not None:
+        _cast_float_params(model, dtype)
+    model.to(device)
+    post_load(ckpt)
+    if with_tokenizer:
+        return model, load_tokenizer(ckpt.root)
+    return model
+
+
+@dataclass
+class OpenCheckpoint:
+    """A qcore checkpoint's model with every tensor on meta, and what filling it needs."""
+
+    model: nn.Module
+    root: Path
+    files: list[str]
+    tied: dict[str, str]
+    """``{dropped name: kept name}`` of tensors saved once (tied embeddings)."""
+    rebuilt: dict[str, tuple[nn.Module, ModuleSerializer]]
+    """The serialized modules, rebuilt empty, by name (parents first)."""
+
+    @property
+    def loaders(self) -> Loaders:
+        return {name: (module, ser) for name, (module, ser) in self.rebuilt.items()
+                if callable(getattr(ser, "load_tensors", None))}
+
+
+def open_checkpoint(path: str | os.PathLike[str], dtype: torch.dtype | None = None, *,
+                    verify: bool = True) -> OpenCheckpoint:
+    """The model of a qcore checkpoint on meta: built from its config, prepared, its serialized
+    modules rebuilt empty and its attention routed (no tensor is read)."""
     root = checkpoint_dir(path)
     files = weight_files(root)
     config_dict = read_config(root)
     qconfig = quantization_config(config_dict, root)
-    ckpt = qconfig.get("checkpoint", {})
-    check_files(root, files, ckpt.get("files", {}), verify)
+    saved = qconfig.get("checkpoint", {})
+    check_files(root, files, saved.get("files", {}), verify)
 
     model = build_empty(config_dict, root, dtype)
     from qcore.arch.surgery import prepare_model
 
     prepare_model(model)
     rebuilt = rebuild_modules(model, qconfig.get("modules", {}), root)
-    state = read_tensors(root, files, device)
-    loaders = {name: (module, ser) for name, (module, ser) in rebuilt.items()
-               if callable(getattr(ser, "load_tensors", None))}
-    _assign(model, state, ckpt.get("tied", {}), root, loaders)
-    if dtype is not None:
-        _cast_float_params(model, dtype)
-    model.to(device)
-    _post_load([module for module, _ in rebuilt.values()])
     from qcore.quant.attention import install
 
     install(model)  # route the attention through re-attached attention transforms
     model.eval()
     model.qcore_record = {k: v for k, v in qconfig.items() if k not in ("checkpoint", "quant_method")}
-    if with_tokenizer:
-        return model, load_tokenizer(root)
-    return model
+    return OpenCheckpoint(model, root, files, dict(saved.get("tied", {})), rebuilt)
+
+
+def assign_tensors(ckpt: OpenCheckpoint, state: dict[str, torch.Tensor], scope: str = "",
+                   recurse: bool = True) -> None:
+    """Assign the tensors ``state`` read from ``ckpt``'s files to its model: all of them (``scope``
+    empty), or those of module ``scope`` (with its submodules when ``recurse``). ``state`` holds
+    every tensor of the scope; a tie to a tensor outside the scope is given as the stored tensor
+    under the dropped name."""
+    loaders = {n: v for n, v in ckpt.loaders.items() if _module_in_scope(n, scope, recurse)}
+    tied = {d: k for d, k in ckpt.tied.items() if in_scope(d, scope, recurse) and in_scope(k, scope, recurse)}
+    _assign(ckpt.model, state, tied, ckpt.root, loaders, scope, recurse)
+
+
+def post_load(ckpt: OpenCheckpoint, scope: str = "", recurse: bool = True) -> None:
+    """Let the rebuilt modules of ``scope`` derive run-time state from their assigned tensors."""
+    _post_load([m for n, (m, _) in ckpt.rebuilt.items() if _module_in_scope(n, scope, recurse)])
+
+
+def in_scope(name: str, scope: str, recurse: bool) -> bool:
+    """Whether tensor or module ``name`` lies under module ``scope`` (directly unless ``recurse``)."""
+    if scope:
+        if not name.startswith(scope + "."):
+            return False
+        name = name[len(scope) + 1:]
+    return recurse or "." not in name
+
+
+def _module_in_scope(name: str, scope: str, recurse: bool) -> bool:
+    return name == scope or (recurse and in_scope(name, scope, True))
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
@@ -187,10 +241,10 @@ def _check_features(old: nn.Module | None, entry: dict[str, Any], name: str, roo
 
 # -- tensors --------------------------------------------------------------------------------------
 def _assign(model: nn.Module, state: dict[str, torch.Tensor], tied: dict[str, str], root: Path,
-            loaders: Loaders | None = None) -> None:
+            loaders: Loaders | None = None, scope: str = "", recurse: bool = True) -> None:
     loaders = loaders or {}
     state, tied, owned = _split_owned(state, tied, loaders)
-    expected = {k for k in model.state_dict() if _owner(k, loaders) is None}
+    expected = {k for k in model.state_dict() if _owner(k, loaders) is None and in_scope(k, scope, recurse)}
     missing = sorted(expected - set(state) - set(tied))
     unexpected = sorted(set(state) - expected)
     if missing:
@@ -214,7 +268,7 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], tied: dict[str, st
             raise CheckpointError(f"{root}: cannot load the tensors of {_kind(type_name)} {name} "
                                   f"({type(exc).__name__}: {exc}); the checkpoint does not match its config "
                                   "or was saved by another plugin version: re-save it") from exc
-    on_meta = [n for n, t in _all_tensors(model) if t.device.type == "meta"]
+    on_meta = [n for n, t in _all_tensors(model) if t.device.type == "meta" and in_scope(n, scope, recurse)]
     if on_meta:
         raise CheckpointError(f"{root}: {len(on_meta)} tensor(s) were not in the checkpoint, e.g. "
                               f"{', '.join(on_meta[:5])}: it is truncated or incomplete; re-save it")

@@ -57,20 +57,27 @@ def save(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any = None,
     qconfig = _quantization_config(model, record, tied)
     with atomic_dir(path, overwrite, "checkpoint", model_sources(model)) as tmp:
         files = _write_weights(state, tmp, max_bytes)
-        qconfig["checkpoint"]["files"] = files
-        config_dict = json.loads(config.to_json_string(use_diff=False))
-        config_dict["architectures"] = [type(model).__name__]  # the class these tensors belong to
-        config_dict["quantization_config"] = qconfig
-        write_json(tmp / CONFIG_FILE, config_dict, sort_keys=True)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and _can_generate(model):
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        write_config_files(model, qconfig, files, tmp, tokenizer)
     target = Path(path).expanduser().absolute()
     log.info("saved %s (%d weight file(s), %d serialized modules)", target, len(files),
              len(qconfig["modules"]))
     return target
+
+
+def write_config_files(model: nn.Module, qconfig: dict[str, Any], files: dict[str, dict[str, Any]], tmp: Path,
+                       tokenizer: Any = None) -> None:
+    """``config.json`` (with ``quantization_config``), the generation config and the tokenizer of a
+    checkpoint whose weight ``files`` are written in ``tmp``."""
+    qconfig["checkpoint"]["files"] = files
+    config_dict = json.loads(model.config.to_json_string(use_diff=False))
+    config_dict["architectures"] = [type(model).__name__]  # the class these tensors belong to
+    config_dict["quantization_config"] = qconfig
+    write_json(tmp / CONFIG_FILE, config_dict, sort_keys=True)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and _can_generate(model):
+        gen.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
 
 
 # -- the record -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The Python API: ``qcore.quantize`` and ``qcore.finetune``."""
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +20,7 @@ log = get_logger("api")
 
 
 def quantize(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike[str],
     method: str | Sequence[str],
     *,
     config: QuantConfig | Sequence[QuantConfig] | None = None,
@@ -31,8 +32,11 @@ def quantize(
     propagate: Propagation | None = None,
     device: str | torch.device | None = None,
     check: bool = True,
+    out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    restart: bool = False,
     **options: Any,
-) -> nn.Module:
+) -> Any:
     """Quantize ``model`` in place with one method or a chain, and return it.
 
     ``method`` is a name (``"gptq"``) or a chain (``["smoothquant", "gptq"]``: a transform, then
@@ -54,7 +58,26 @@ def quantize(
     ``budget_criterion="hessian" | "fisher"``, measures each layer's sensitivity on the
     calibration text and gives the weight method a per-layer ``bits`` map that fits the budget
     (:mod:`qcore.pipeline.budget`; it needs calibration data even for ``rtn``).
+
+    Models larger than memory: pass the folder of a float safetensors checkpoint as ``model`` and
+    the output folder as ``out``: the model is never loaded whole, each block is read from the
+    shards on its turn and written when done (:mod:`qcore.pipeline.stream`); returns the path of
+    the checkpoint. An interrupted run resumes when called again with the same arguments
+    (``restart=True`` starts over); ``overwrite`` replaces an earlier qcore output at ``out``.
     """
+    if isinstance(model, (str, os.PathLike)):
+        if out is None:
+            raise ConfigError(f"quantizing the folder {model} streams it into a checkpoint: pass out=OUTPUT_FOLDER "
+                              "(or load the model first and pass the model)")
+        from qcore.pipeline.stream import quantize_streaming
+
+        return quantize_streaming(model, method, out=out, config=config, calibration=calibration,
+                                  tokenizer=tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                  propagate=propagate, device=device, overwrite=overwrite, restart=restart,
+                                  **options)
+    if out is not None or overwrite or restart:
+        raise ConfigError("out=, overwrite= and restart= belong to streamed runs (model given as a folder); "
+                          "save an in-memory model with qcore.save(model, path)")
     from qcore.pipeline import validate
     from qcore.pipeline.budget import split_budget
     from qcore.pipeline.chain import resolve_chain

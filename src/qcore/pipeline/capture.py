@@ -10,8 +10,8 @@ sliding-window and global layers get different masks). Nothing is family-specifi
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -96,18 +96,8 @@ def accepts(fn: Any, name: str) -> bool:
 
 
 @contextmanager
-def _recording(blocks: list[nn.Module], store: list[list[tuple[tuple, dict]]]) -> Iterator[None]:
-    """Swap each block's ``forward`` for a recorder of its arguments (identity on hidden states)."""
-    last = len(blocks) - 1
-
-    def make(i: int):
-        def recorder(*args: Any, **kwargs: Any) -> Any:
-            store[i].append((args, kwargs))
-            if i == last:
-                raise StopForward
-            return hidden_of(args, kwargs)
-        return recorder
-
+def swapped_forwards(blocks: list[nn.Module], make: Callable[[int], Callable[..., Any]]) -> Iterator[None]:
+    """While inside, block ``i``'s ``forward`` is ``make(i)``."""
     for i, blk in enumerate(blocks):
         blk.forward = make(i)  # instance attribute shadows the class method
     try:
@@ -116,6 +106,21 @@ def _recording(blocks: list[nn.Module], store: list[list[tuple[tuple, dict]]]) -
         for blk in blocks:
             if "forward" in blk.__dict__:
                 del blk.forward
+
+
+def _recording(blocks: list[nn.Module], store: list[list[tuple[tuple, dict]]]) -> AbstractContextManager[None]:
+    """Swap each block's ``forward`` for a recorder of its arguments (identity on hidden states)."""
+    last = len(blocks) - 1
+
+    def make(i: int) -> Callable[..., Any]:
+        def recorder(*args: Any, **kwargs: Any) -> Any:
+            store[i].append((args, kwargs))
+            if i == last:
+                raise StopForward
+            return hidden_of(args, kwargs)
+        return recorder
+
+    return swapped_forwards(blocks, make)
 
 
 def lm_kwargs(model: nn.Module, input_ids: Tensor) -> dict[str, Any]:
@@ -137,6 +142,8 @@ def capture_inputs(model: nn.Module, info: ModelInfo, calibration: CalibrationDa
     blocks = [b.module for b in info.blocks]
     n_blocks = len(blocks)
     model_device = module_device(model)
+    if model_device.type == "meta":  # a streamed model: its embeddings are read onto the CPU when called
+        model_device = torch.device("cpu")
     hidden0: list[Tensor] = []
     templates: list[Inputs] = [[] for _ in range(n_blocks)]
     for batch in calibration.batches(batch_size):

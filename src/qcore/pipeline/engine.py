@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -353,6 +353,24 @@ class BlockContext:
 WEIGHT_ERROR_DIGITS = 6
 
 
+class BlockStream(Protocol):
+    """Where a streamed run's block weights come from and its finished blocks go
+    (:mod:`qcore.pipeline.stream`): the model's blocks stay on the meta device until their turn."""
+
+    def begin(self, run: RunContext) -> tuple[int, list[Tensor] | None]:
+        """Called after ``prepare``: the first block to process and, when it is not block 0, its
+        input activations kept by an interrupted run (the blocks before it are done)."""
+
+    def captured(self) -> None:
+        """The capture pass is over (the embeddings may be freed)."""
+
+    def load_block(self, index: int, binfo: BlockInfo) -> None:
+        """Materialize block ``index``'s weights before its turn."""
+
+    def finish_block(self, index: int, binfo: BlockInfo, hidden: list[Tensor] | None) -> None:
+        """Block ``index`` is done; ``hidden`` are the next block's inputs."""
+
+
 @torch.no_grad()
 def relative_weight_error(weight: Tensor, dequantized: Tensor) -> float:
     """``||W - Q||_F / ||W||_F`` of a linear's float weight and the dequantized weight that replaces
@@ -407,7 +425,7 @@ def _as_calibration(calibration: Any) -> CalibrationData | None:
 
 def run_chain(model: nn.Module, quantizers: Sequence[Quantizer], calibration: CalibrationData | Tensor | None = None,
               propagate: Propagation | None = None, device: torch.device | str | None = None,
-              batch_size: int = 8) -> RunContext:
+              batch_size: int = 8, stream: BlockStream | None = None) -> RunContext:
     """Run a chain of quantizers over ``model`` in one block-by-block pass (changes it in place).
 
     ``calibration``: a ``CalibrationData`` or token ids ``[n, seq_len]`` (``None`` for
@@ -416,6 +434,8 @@ def run_chain(model: nn.Module, quantizers: Sequence[Quantizer], calibration: Ca
     (``"quantized"``, the default) or of the float model (``"float"``); a method may ask for one
     through its ``needs()``. ``device``: where each block runs during its turn (e.g. ``"cuda"``);
     the model stays where it is otherwise. ``batch_size``: calibration windows per forward.
+    ``stream``: a :class:`BlockStream` that loads each block before its turn and takes it after
+    (models larger than memory; resumed runs start at the block it names).
     The quantization record is kept in ``model.qcore_record`` (returned as ``run.record``).
     """
     from qcore.arch.introspect import inspect_model
@@ -473,6 +493,7 @@ def run_chain(model: nn.Module, quantizers: Sequence[Quantizer], calibration: Ca
                                          f"text; {_ACTIVATION_FIX}")
             record["gradient_pass_seconds"] = round(time.perf_counter() - start, 3)
 
+        start_block, resumed = stream.begin(run) if stream is not None else (0, None)
         hidden: list[Tensor] | None = None
         templates: list[Inputs] | None = None
         if calibration is not None:
@@ -481,15 +502,28 @@ def run_chain(model: nn.Module, quantizers: Sequence[Quantizer], calibration: Ca
             if bad is not None:
                 raise NonFiniteError(f"the input of the first block {info.blocks[0].name} holds non-finite values "
                                      f"({bad[1]}) on calibration batch {bad[0].strip('[]')}; {_ACTIVATION_FIX}")
+            if resumed is not None:
+                hidden = [h.to(dev) if dev is not None else h for h in resumed]
+        if stream is not None:
+            stream.captured()
 
         pbar = bar(len(info.blocks), desc="qcore blocks", unit="block")
+        pbar.update(start_block)
         try:
             for i, binfo in enumerate(info.blocks):
+                if i < start_block:  # finished by an interrupted run
+                    if templates is not None:
+                        templates[i] = []
+                    continue
                 pbar.set_postfix_str(binfo.name, refresh=False)
+                if stream is not None:
+                    stream.load_block(i, binfo)
                 hidden = _process_block(run, i, binfo, hidden, templates[i] if templates else None, dev)
                 if templates is not None:
                     templates[i] = []  # this block's arguments are no longer needed
                 run.gradients.pop(binfo.name, None)
+                if stream is not None:
+                    stream.finish_block(i, binfo, hidden)
                 pbar.update(1)
         finally:
             pbar.close()

@@ -37,6 +37,9 @@ class ActQuant:
     """Calibrated per-tensor scale (static only)."""
     zero: float = 0.0
     """Calibrated per-tensor zero point in code units (static asymmetric only)."""
+    clip: float = 1.0
+    """Dynamic grids: fraction of each token's range the grid covers (values beyond are clipped);
+    QuaRot's 4-bit activations use 0.9."""
 
     def __post_init__(self) -> None:
         if self.bits not in ACT_BITS:
@@ -46,20 +49,26 @@ class ActQuant:
                 "static activation quantization needs a calibrated positive scale: pass scale= "
                 "(e.g. from calibrate_static_scale) or use dynamic=True"
             )
+        if not 0.0 < self.clip <= 1.0:
+            raise ConfigError(f"activation clip={self.clip} must lie in (0, 1]: the fraction of each token's "
+                              "range the grid covers (1 = no clipping)")
 
     @property
     def integer_kernel(self) -> bool:
-        """Whether the int8 x int8 path applies (8-bit, symmetric)."""
-        return self.bits == 8 and self.sym
+        """Whether the int8 x int8 path applies (8-bit, symmetric, unclipped)."""
+        return self.bits == 8 and self.sym and self.clip == 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["clip"] == 1.0:  # the default: checkpoints stay readable without the field
+            del data["clip"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ActQuant | None:
         if data is None:
             return None
-        known = {"bits", "dynamic", "sym", "scale", "zero"}
+        known = {"bits", "dynamic", "sym", "scale", "zero", "clip"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown activation-quantization field(s) {unknown}; valid: {sorted(known)}")
@@ -82,11 +91,11 @@ def act_params(x: Tensor, act: ActQuant) -> tuple[Tensor, Tensor]:
         return s, torch.tensor(float(act.zero), dtype=torch.float32, device=x.device)
     xf = x.float()
     if act.sym:
-        s = xf.abs().amax(dim=-1, keepdim=True) / hi
+        s = xf.abs().amax(dim=-1, keepdim=True) * act.clip / hi
         s = torch.where(s > 0, s, torch.ones_like(s))
         return s, torch.zeros_like(s)
-    xmin = xf.amin(dim=-1, keepdim=True).clamp(max=0)
-    xmax = xf.amax(dim=-1, keepdim=True).clamp(min=0)
+    xmin = xf.amin(dim=-1, keepdim=True).clamp(max=0) * act.clip
+    xmax = xf.amax(dim=-1, keepdim=True).clamp(min=0) * act.clip
     s = (xmax - xmin) / (hi - lo)
     s = torch.where(s > 0, s, torch.ones_like(s))
     return s, torch.round(-xmin / s)

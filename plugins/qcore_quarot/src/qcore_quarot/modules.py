@@ -22,16 +22,16 @@ from torch import Tensor, nn
 from qcore_quarot.hadamard import hadamard_transform
 
 
-def fake_quant_kv(x: Tensor, bits: int, group_size: int) -> Tensor:
+def fake_quant_kv(x: Tensor, bits: int, group_size: int, clip: float = 1.0) -> Tensor:
     """Asymmetric min/max quantize-dequantize of ``x`` per token and head (``[..., head_dim]``)
-    in groups of ``group_size`` channels of the head dimension (-1: the whole head), computed in
-    float32; the range always holds zero (QuaRot's KV quantizer)."""
+    in groups of ``group_size`` channels of the head dimension (-1: the whole head), the range
+    scaled by ``clip``, computed in float32; the range always holds zero (QuaRot's KV quantizer)."""
     from qcore.plugin import ActQuant, fake_quant_act
 
     d = x.shape[-1]
     g = d if group_size == -1 else group_size
     groups = x.float().unflatten(-1, (d // g, g))
-    return fake_quant_act(groups, ActQuant(bits, dynamic=True, sym=False)).flatten(-2).to(x.dtype)
+    return fake_quant_act(groups, ActQuant(bits, dynamic=True, sym=False, clip=clip)).flatten(-2).to(x.dtype)
 
 
 class OnlineHadamard(nn.Module):
@@ -82,16 +82,17 @@ class QKVTransform(nn.Module):
     (``kv_bits`` < 16) on the ``[batch, heads, tokens, head_dim]`` tensors the attention reads."""
 
     def __init__(self, head_dim: int, block_size: int, kind: str, kv_bits: int, kv_group_size: int,
-                 device: Any = None) -> None:
+                 device: Any = None, kv_clip: float = 1.0) -> None:
         super().__init__()
         self.head_dim, self.kind = head_dim, kind
-        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.kv_bits, self.kv_group_size, self.kv_clip = kv_bits, kv_group_size, kv_clip
         self.register_buffer("block", torch.eye(block_size, dtype=torch.float32, device=device) if block_size else None)
 
     @classmethod
-    def of(cls, head_dim: int, block: Tensor | None, kind: str, kv_bits: int, kv_group_size: int) -> QKVTransform:
+    def of(cls, head_dim: int, block: Tensor | None, kind: str, kv_bits: int, kv_group_size: int,
+           kv_clip: float = 1.0) -> QKVTransform:
         """With ``block`` as its buffer (shared, not copied; None: no R3)."""
-        module = cls(head_dim, 0, kind, kv_bits, kv_group_size)
+        module = cls(head_dim, 0, kind, kv_bits, kv_group_size, kv_clip=kv_clip)
         module.block = block
         return module
 
@@ -100,8 +101,8 @@ class QKVTransform(nn.Module):
             query = hadamard_transform(query.float(), self.block).to(query.dtype)
             key = hadamard_transform(key.float(), self.block).to(key.dtype)
         if self.kv_bits < 16:
-            key = fake_quant_kv(key, self.kv_bits, self.kv_group_size)
-            value = fake_quant_kv(value, self.kv_bits, self.kv_group_size)
+            key = fake_quant_kv(key, self.kv_bits, self.kv_group_size, self.kv_clip)
+            value = fake_quant_kv(value, self.kv_bits, self.kv_group_size, self.kv_clip)
         return query, key, value
 
     def post_load(self) -> None:
@@ -111,7 +112,8 @@ class QKVTransform(nn.Module):
 
     def extra_repr(self) -> str:
         r3 = f"r3={self.kind} {self.head_dim}" if self.block is not None else "r3=off"
-        return f"{r3}, kv_bits={self.kv_bits}, kv_group_size={self.kv_group_size}"
+        clip = f", kv_clip={self.kv_clip}" if self.kv_clip != 1.0 else ""
+        return f"{r3}, kv_bits={self.kv_bits}, kv_group_size={self.kv_group_size}{clip}"
 
 
 class QKVTransformSerializer:
@@ -123,11 +125,12 @@ class QKVTransformSerializer:
     def to_json(self, module: nn.Module) -> dict[str, Any]:
         block = module.block
         return {"head_dim": int(module.head_dim), "block_size": 0 if block is None else int(block.shape[0]),
-                "kind": str(module.kind), "kv_bits": int(module.kv_bits), "kv_group_size": int(module.kv_group_size)}
+                "kind": str(module.kind), "kv_bits": int(module.kv_bits), "kv_group_size": int(module.kv_group_size),
+                "kv_clip": float(module.kv_clip)}
 
     def build(self, data: dict[str, Any], device: Any) -> nn.Module:
         return QKVTransform(int(data["head_dim"]), int(data["block_size"]), str(data["kind"]), int(data["kv_bits"]),
-                            int(data["kv_group_size"]), device=device)
+                            int(data["kv_group_size"]), device=device, kv_clip=float(data.get("kv_clip", 1.0)))
 
 
 class QuaRotRMSNorm(nn.Module):

@@ -270,7 +270,7 @@ class QuaRotQuantizer(BaseQuantizer):
                 raise ConfigError(f"kv_group_size={cfg.kv_group_size} does not divide the head width {width}; "
                                   "use a divisor of it or -1")
             shared, kind = self._block(width, block.linear(name).weight.device) if cfg.use_r3 else (None, "")
-            transform = QKVTransform.of(width, shared, kind, kv_bits, cfg.kv_group_size)
+            transform = QKVTransform.of(width, shared, kind, kv_bits, cfg.kv_group_size, cfg.kv_clip)
             block.set_attention_transform(name.rpartition(".")[0], transform)
             self.attention += 1
             if shared is not None:
@@ -290,7 +290,8 @@ class QuaRotQuantizer(BaseQuantizer):
         names = block.quantizable(cfg)
         if cfg.a_bits < 16:
             for name in names:
-                block.request_activation_quant(name, ActQuant(cfg.a_bits, dynamic=True, sym=cfg.a_sym))
+                act = ActQuant(cfg.a_bits, dynamic=True, sym=cfg.a_sym, clip=cfg.act_clip)
+                block.request_activation_quant(name, act)
         if block.leave_weights_to_later():
             return
         self.weights_quantized = True

@@ -1,0 +1,93 @@
+"""Export a quantized model or a qcore checkpoint to formats other runtimes load.
+
+One module per format (``FORMATS``), each with the same three names:
+
+- ``KIND``: ``"dir"`` (a folder, written through :func:`qcore.checkpoint.atomic.atomic_dir`) or
+  ``"file"`` (one file, written through :func:`qcore.checkpoint.atomic.atomic_file`);
+- ``check(model) -> list[str]``: why this format cannot hold ``model`` (each reason names the
+  format that can); empty when it can. Runs before anything is written;
+- ``write(model, target, tokenizer) -> None``: write into ``target`` (the temporary folder or
+  file that is renamed into place on success).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from qcore.plugin.errors import QcoreError
+
+FORMATS: dict[str, str] = {
+    "compressed-tensors": "qcore.formats.compressed_tensors",
+}
+"""Export format name -> the module that writes it (``compressed-tensors``: pack-quantized
+weight-only checkpoints that transformers and vLLM load)."""
+
+
+class ExportError(QcoreError, ValueError):
+    """A model that a format cannot hold, or an unknown format."""
+
+
+def list_formats() -> list[str]:
+    """Names of the export formats whose module is present."""
+    return [name for name, mod in FORMATS.items() if importlib.util.find_spec(mod) is not None]
+
+
+def format_module(name: str) -> ModuleType:
+    """The module writing format ``name``; :class:`ExportError` naming the formats otherwise."""
+    if name not in FORMATS or importlib.util.find_spec(FORMATS[name]) is None:
+        raise ExportError(f"unknown export format {name!r}: choose one of {', '.join(list_formats())}")
+    return importlib.import_module(FORMATS[name])
+
+
+def check_export(model: Any, format: str) -> list[str]:
+    """Why ``format`` cannot hold ``model``; empty when it can."""
+    return list(format_module(format).check(model))
+
+
+def export(model_or_dir: Any, out: str | os.PathLike[str], format: str, *, tokenizer: Any = None,
+           overwrite: bool = False) -> Path:
+    """Write ``model_or_dir`` (a quantized model, or a qcore checkpoint folder) to ``out`` in
+    ``format``; returns the output path. Checked first, written aside and renamed into place:
+    a refusal or a failure leaves ``out`` as it was."""
+    from qcore.checkpoint.atomic import atomic_dir, atomic_file, model_sources
+
+    mod = format_module(format)
+    model, tokenizer, inputs = _model(model_or_dir, tokenizer)
+    reasons = list(mod.check(model))
+    if reasons:
+        raise ExportError(f"format {format!r} cannot hold this model: " + "; ".join(reasons))
+    inputs = inputs + model_sources(model)
+    if mod.KIND == "dir":
+        with atomic_dir(out, overwrite, kind=f"export-{format}", inputs=inputs) as tmp:
+            mod.write(model, tmp, tokenizer)
+        return Path(out).expanduser().absolute()
+    target = Path(out).expanduser().absolute()
+    if target.is_dir():
+        raise ExportError(f"{target} is a folder; format {format!r} writes one file: pass a file name")
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} exists; pass overwrite=True (--overwrite) to replace it, or another name")
+    for src in inputs:
+        if target.resolve() == Path(src).expanduser().resolve():
+            raise ExportError(f"{target} is the input model; pass another output name")
+    with atomic_file(target) as tmp:
+        mod.write(model, tmp, tokenizer)
+    return target
+
+
+def _model(model_or_dir: Any, tokenizer: Any) -> tuple[Any, Any, tuple[str, ...]]:
+    """The model to export, its tokenizer and the folders it was read from."""
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        from qcore.checkpoint import load, load_tokenizer
+
+        path = str(model_or_dir)
+        model = load(path)
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(path)
+            except Exception:  # noqa: BLE001 - a checkpoint may hold no tokenizer
+                tokenizer = None
+        return model, tokenizer, (path,)
+    return model_or_dir, tokenizer, ()
