@@ -1,12 +1,22 @@
 #!/usr/bin/env python
 """AWQ bench: float, RTN, qcore's AWQ and AWQ+GPTQ on SmolLM2-135M / WikiText-2, beside peers' AWQ.
 
-Everything is evaluated with qcore's perplexity protocol (:mod:`qcore.eval`). AWQ's search time
-is reported per block (scale search + clip search, from the method's record) and in total,
+qcore's rows are evaluated with qcore's perplexity protocol (:mod:`qcore.eval`). AWQ's search
+time is reported per block (scale search + clip search, from the method's record) and in total,
 next to the wall time of the whole ``qcore.quantize`` call (input capture and propagation
-included). Peers (GPTQModel, llm-compressor) run in their own virtual environments as
-subprocesses on the same float model (saved once as a Hugging Face folder) and the same
-calibration windows; a peer that fails is reported with its error, not hidden.
+included). Peers (llm-compressor, GPTQModel) run in their own virtual environments as
+subprocesses on the same float model (saved once as a Hugging Face folder), the same
+calibration token ids and the same evaluation windows (saved as safetensors). Each peer
+evaluates its whole quantized model in its own process (bench/peer_eval.py: AWQ folds its scales
+into norms and producer layers, so copying the linears' weights back would be wrong), after its
+float model, whose perplexity must reproduce qcore's float row (the row is void otherwise). A
+peer that fails is reported with its error, not hidden.
+
+On a CPU-only machine llm-compressor's AWQ needs one workaround, applied inside its process
+only: its ``IntermediatesCache`` pins host memory (``torch.Tensor.pin_memory``), which needs an
+accelerator; the bench replaces ``pin_memory`` by the identity there (nothing else pins).
+GPTQModel's torch AWQ kernel packs only float16/bfloat16 models: it runs in ``--gptqmodel-dtype``
+(bfloat16 by default), so its float row is that dtype's and is compared at a looser tolerance.
 
 Usage (the numbers in docs/results.md):
 
@@ -36,19 +46,15 @@ DEFAULT_PEER_PYTHON = {
 # ================================================================================================
 # peer mode (inside the peer's virtual environment)
 # ================================================================================================
-def _applied_weight(module: Any, in_features: int) -> Any:
-    """The float [out, in] weight a (quantized) linear applies: f(I) - f(0)."""
-    import torch
+def _peer_eval() -> Any:
+    """bench/peer_eval.py as a namespace (bench/ is kept off sys.path: it holds scripts named like packages)."""
+    from runpy import run_path
+    from types import SimpleNamespace
 
-    p = next((t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()), None)
-    dtype = p.dtype if p is not None else torch.float32
-    eye = torch.eye(in_features, dtype=dtype)
-    with torch.no_grad():
-        y = module(eye).float() - module(torch.zeros(1, in_features, dtype=dtype)).float()
-    return y.T.contiguous()
+    return SimpleNamespace(**run_path(str(Path(__file__).with_name("peer_eval.py"))))
 
 
-def _peer_gptqmodel(cfg: dict, ids: Any) -> tuple[Any, float, str]:
+def _peer_gptqmodel(cfg: dict, ids: Any, win: Any, pe: Any) -> dict[str, Any]:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import gptqmodel
     import torch
@@ -58,16 +64,19 @@ def _peer_gptqmodel(cfg: dict, ids: Any) -> tuple[Any, float, str]:
 
     qc = QuantizeConfig(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
                         quant_method=METHOD.AWQ, format=FORMAT.GEMM)
-    dtype = getattr(torch, cfg["peer_dtype"])
+    dtype = getattr(torch, cfg["gptqmodel_dtype"])
     model = GPTQModel.load(cfg["float_dir"], qc, device="cpu", dtype=dtype)
+    float_ppl = pe.window_perplexity(model.model, win)
     calib = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in ids]
     start = time.perf_counter()
-    # the default AWQ kernels need CUDA; AWQ_TORCH is GPTQModel's device-agnostic one
+    # the default AWQ kernels need CUDA; AWQ_TORCH is GPTQModel's device-agnostic one (float16/bfloat16 only)
     model.quantize(calib, batch_size=1, backend=BACKEND.AWQ_TORCH)
-    return model.model, time.perf_counter() - start, gptqmodel.__version__
+    seconds = time.perf_counter() - start
+    return {"float_ppl": float_ppl, "ppl": pe.window_perplexity(model.model, win), "seconds": seconds,
+            "version": gptqmodel.__version__, "dtype": cfg["gptqmodel_dtype"]}
 
 
-def _peer_llmc(cfg: dict, ids: Any) -> tuple[Any, float, str]:
+def _peer_llmc(cfg: dict, ids: Any, win: Any, pe: Any) -> dict[str, Any]:
     import llmcompressor
     import torch
     from datasets import Dataset
@@ -75,7 +84,11 @@ def _peer_llmc(cfg: dict, ids: Any) -> tuple[Any, float, str]:
     from llmcompressor.modifiers.awq import AWQModifier
     from transformers import AutoModelForCausalLM
 
+    # IntermediatesCache pins host memory, which needs an accelerator; identity on a CPU-only machine
+    if not torch.cuda.is_available():
+        torch.Tensor.pin_memory = lambda self, *a, **k: self  # type: ignore[method-assign]
     model = AutoModelForCausalLM.from_pretrained(cfg["float_dir"], dtype=torch.float32)
+    float_ppl = pe.window_perplexity(model, win)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
     weights = {"num_bits": cfg["bits"], "type": "int", "symmetric": cfg["sym"], "strategy": "group",
                "group_size": cfg["group_size"]}
@@ -84,21 +97,22 @@ def _peer_llmc(cfg: dict, ids: Any) -> tuple[Any, float, str]:
     start = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=int(ids.shape[0]),
             max_seq_length=int(ids.shape[1]), batch_size=1)
-    return model, time.perf_counter() - start, llmcompressor.__version__
+    seconds = time.perf_counter() - start
+    return {"float_ppl": float_ppl, "ppl": pe.window_perplexity(model, win), "seconds": seconds,
+            "version": llmcompressor.__version__, "dtype": "float32"}
 
 
 def peer_main(name: str, cfg: dict) -> None:
+    """Quantize with the peer, evaluate its float and its whole quantized model here."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    ids = load_file(cfg["calib"])["input_ids"]
-    model, seconds, version = {"gptqmodel": _peer_gptqmodel, "llm-compressor": _peer_llmc}[name](cfg, ids)
-    modules = dict(model.named_modules())
-    out = {full: _applied_weight(modules[full], n_in) for full, n_in in cfg["linears"].items()}
+    data = load_file(cfg["tensors"])
+    res = {"gptqmodel": _peer_gptqmodel, "llm-compressor": _peer_llmc}[name](cfg, data["calibration"],
+                                                                            data["eval"], _peer_eval())
     Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
-    save_file(out, str(Path(cfg["out"]) / "weights.safetensors"))
-    (Path(cfg["out"]) / "result.json").write_text(json.dumps({"quant_seconds": seconds, "version": version}))
+    (Path(cfg["out"]) / "result.json").write_text(json.dumps(res))
 
 
 # ================================================================================================
@@ -122,12 +136,11 @@ def _awq_times(model: Any) -> dict[str, Any]:
 
 def bench_main(args: argparse.Namespace) -> None:
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     import qcore
     from qcore.data import get_calibration
-    from qcore.eval import perplexity
-    from qcore.arch.introspect import inspect_model
+    from qcore.eval import perplexity, token_stream, windows
     from qcore.models import load_model, save_float
 
     torch.manual_seed(0)
@@ -147,9 +160,10 @@ def bench_main(args: argparse.Namespace) -> None:
     print(rows[-1], flush=True)
     if args.peers:
         save_float(model, work / "float", tok, overwrite=True)
-        save_file({"input_ids": calib.input_ids.contiguous()}, str(work / "calib.safetensors"))
-        info = inspect_model(model)
-        linears = {f"{b.name}.{n}": li.in_features for b in info.blocks for n, li in b.linears.items()}
+        win = windows(token_stream(args.eval_text, tok)[0], args.eval_seq_len, args.eval_tokens)
+        save_file({"calibration": calib.input_ids.contiguous(), "eval": win.contiguous()},
+                  str(work / "tensors.safetensors"))
+    pe = _peer_eval()
     del model
 
     for bits in args.bits:
@@ -175,8 +189,8 @@ def bench_main(args: argparse.Namespace) -> None:
         for peer in args.peers:
             py = getattr(args, f"{peer.replace('-', '_')}_python") or DEFAULT_PEER_PYTHON[peer]
             out = work / f"{peer}_{bits}"
-            cfg = {**common, "float_dir": str(work / "float"), "calib": str(work / "calib.safetensors"),
-                   "linears": linears, "out": str(out), "peer_dtype": args.peer_dtype}
+            cfg = {**common, "float_dir": str(work / "float"), "tensors": str(work / "tensors.safetensors"),
+                   "out": str(out), "gptqmodel_dtype": args.gptqmodel_dtype}
             row = {"bits": bits, "method": f"{peer} AWQ", "ppl": None}
             if not Path(py).is_file():
                 row["error"] = f"peer environment not found ({py}); see bench/requirements-peers.txt"
@@ -190,7 +204,6 @@ def bench_main(args: argparse.Namespace) -> None:
                 rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
             except subprocess.TimeoutExpired:
                 rc, tail = -1, f"timed out after {args.peer_timeout} s"
-            row["subprocess_seconds"] = time.perf_counter() - start
             if rc != 0:
                 (work / f"{peer}_{bits}.log").write_text(tail)
                 lines = [ln for ln in tail.strip().splitlines() if ln.strip()]
@@ -199,15 +212,15 @@ def bench_main(args: argparse.Namespace) -> None:
                 rows.append(row)
                 continue
             res = json.loads((out / "result.json").read_text())
-            m = fresh()
-            mods = dict(m.named_modules())
-            with torch.no_grad():
-                for name, w in load_file(str(out / "weights.safetensors")).items():
-                    mods[name].weight.copy_(w.to(mods[name].weight.dtype))
-            row.update({"method": f"{peer} {res['version']} AWQ", "seconds": res["quant_seconds"], "ppl": ppl(m)})
+            # a half-precision peer's float row differs from qcore's float32 one by more than rounding
+            rtol = pe.FLOAT_MATCH_RTOL if res["dtype"] == "float32" else args.half_float_rtol
+            ok, note = pe.float_check(res["float_ppl"], rows[0]["ppl"], rtol)
+            row.update({"method": f"{peer} {res['version']} AWQ ({res['dtype']})", "seconds": res["seconds"],
+                        "ppl": res["ppl"] if ok else float("nan"), "peer_ppl": res["ppl"],
+                        "peer_float_ppl": res["float_ppl"], "note": note,
+                        "subprocess_seconds": time.perf_counter() - start})
             rows.append(row)
             print(row, flush=True)
-            del m
 
     print()
     print(f"model {args.model}, group {args.group_size}, sym={args.sym}, propagate={args.propagate}; "
@@ -215,14 +228,14 @@ def bench_main(args: argparse.Namespace) -> None:
           f"{args.eval_text} perplexity over the first {args.eval_tokens} tokens in {args.eval_seq_len}-token "
           f"windows; torch threads {torch.get_num_threads()}")
     print()
-    print("| bits | method | perplexity | quantize wall (s) | AWQ search total (s) | per block mean / max (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| bits | method | perplexity | quantize wall (s) | AWQ search total (s) | per block mean / max (s) | note |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         p = f"{r['ppl']:.3f}" if r.get("ppl") is not None else f"did not run: {r.get('error', '')}"
         sec = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "-"
         srch = f"{r['search_total_s']:.1f}" if "search_total_s" in r else "-"
         blk = f"{r['per_block_mean_s']:.2f} / {r['per_block_max_s']:.2f}" if "per_block_mean_s" in r else "-"
-        print(f"| {r['bits']} | {r['method']} | {p} | {sec} | {srch} | {blk} |")
+        print(f"| {r['bits']} | {r['method']} | {p} | {sec} | {srch} | {blk} | {r.get('note', '')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "calibration": calib.record, "rows": rows},
                                               indent=1, default=str))
@@ -246,8 +259,11 @@ def main() -> None:
     ap.add_argument("--eval-text", default="wikitext2")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--peers", nargs="*", default=["gptqmodel", "llm-compressor"])
-    ap.add_argument("--peer-dtype", default="float32", help="dtype the peers load the model in")
+    ap.add_argument("--peers", nargs="*", default=["llm-compressor", "gptqmodel"])
+    ap.add_argument("--gptqmodel-dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                    help="dtype GPTQModel's AWQ runs in (its torch AWQ kernel packs only half precision)")
+    ap.add_argument("--half-float-rtol", type=float, default=0.02,
+                    help="tolerance of a half-precision peer's float perplexity against qcore's float32 one")
     ap.add_argument("--gptqmodel-python", default=None)
     ap.add_argument("--llm-compressor-python", default=None)
     ap.add_argument("--peer-timeout", type=int, default=1800)

@@ -7,7 +7,10 @@ prompt, round-robin over the variants for ``--rounds`` rounds, and prints tokens
 the speedup over float32. The prompt is prefilled once per generate call and its time is
 included; ``--new-tokens`` large against the prompt keeps decode dominant.
 
-    OMP_NUM_THREADS=2 QCORE_PROGRESS=0 .venv/bin/python bench/decode.py [--json out.json]
+``--quarot G`` adds QuaRot W4A16 copies (RTN weights, group ``G``) with and without R4, the online
+Hadamard on every down projection's input (``r4=False``): their ratio is R4's decode cost.
+
+    OMP_NUM_THREADS=2 QCORE_PROGRESS=0 .venv/bin/python bench/decode.py [--quarot 64] [--json out.json]
 """
 from __future__ import annotations
 
@@ -59,6 +62,16 @@ def variants(model: nn.Module, groups: list[int], torch_kernel: bool) -> dict[st
     return out
 
 
+def quarot_variants(model: nn.Module, group: int) -> dict[str, nn.Module]:
+    """QuaRot W4A16 (RTN weights at ``group``) with R1+R2+R4 and with R1+R2 only (``r4=False``)."""
+    out = {}
+    for label, r4 in (("R1+R2+R4", True), ("R1+R2, r4=False", False)):
+        q = copy.deepcopy(model)
+        qcore.quantize(q, "quarot", w_bits=4, group_size=group, r4=r4)
+        out[f"quarot w4 g{group} {label}"] = q
+    return out
+
+
 @torch.no_grad()
 def decode_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
@@ -78,12 +91,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torch-kernel", action="store_true",
                     help="skip the 4-bit rows forced to torch's int4 kernel")
+    ap.add_argument("--quarot", type=int, default=None, metavar="G",
+                    help="add QuaRot W4A16 (RTN, group G) with and without R4")
+    ap.add_argument("--only-quarot", action="store_true", help="with --quarot: float32 and the QuaRot rows only")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    models = variants(model, [int(g) for g in args.groups.split(",") if g], not args.no_torch_kernel)
+    groups = [] if args.only_quarot else [int(g) for g in args.groups.split(",") if g]
+    models = variants(model, groups, not args.no_torch_kernel)
+    if args.only_quarot:
+        models.pop("bfloat16")
+    if args.quarot is not None:
+        models.update(quarot_variants(model, args.quarot))
     times: dict[str, list[float]] = {k: [] for k in models}
     texts: dict[str, str] = {}
     for name, m in models.items():  # warm-up: kernel packs, caches

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """GPTQ bench: float, RTN and qcore's GPTQ against GPTQModel and llm-compressor's GPTQ.
 
-Everything is evaluated with qcore's own perplexity protocol (:mod:`qcore.eval`) on WikiText-2.
-Each peer runs in a subprocess with its own virtual environment's Python (``--gptqmodel-python``,
-``--llmc-python``, see bench/requirements-peers.txt) on the same float model (saved once as a
-Hugging Face folder), the same calibration windows (saved as safetensors) and the same settings;
-it hands back its quantized weights dequantized to float32 (safetensors), which are loaded into
-the float model and evaluated here. Wall times are the peers' own quantization call
+qcore's rows are evaluated with qcore's own perplexity protocol (:mod:`qcore.eval`) on
+WikiText-2. Each peer runs in a subprocess with its own virtual environment's Python
+(``--gptqmodel-python``, ``--llm-compressor-python``, see bench/requirements-peers.txt) on the
+same float model (saved once as a Hugging Face folder), the same calibration token ids and the
+same evaluation windows (saved as safetensors), and evaluates its whole quantized model in its
+own process (bench/peer_eval.py), after its float model, whose perplexity must reproduce qcore's
+float row (the row is void otherwise). Wall times are the peers' own quantization call
 (``quantize()`` / ``oneshot()``), measured inside the subprocess, next to qcore's
 ``qcore.quantize`` call; model loading and evaluation are not timed.
 
@@ -39,20 +40,15 @@ DEFAULT_PEER_PYTHON = {
 # ================================================================================================
 # peer mode: runs inside the peer's virtual environment
 # ================================================================================================
-def _identity_dequantize(module: Any, in_features: int) -> Any:
-    """The float weight [out, in] a (quantized) linear module applies: f(I) - f(0)."""
-    import torch
+def _peer_eval() -> Any:
+    """bench/peer_eval.py as a namespace (bench/ is kept off sys.path: it holds scripts named like packages)."""
+    from runpy import run_path
+    from types import SimpleNamespace
 
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    buf = next((b for b in module.buffers() if b.is_floating_point()), None)
-    dtype = (param if param is not None else buf).dtype if (param is not None or buf is not None) else torch.float32
-    eye = torch.eye(in_features, dtype=dtype)
-    with torch.no_grad():
-        y = module(eye).float() - module(torch.zeros(1, in_features, dtype=dtype)).float()
-    return y.T.contiguous()
+    return SimpleNamespace(**run_path(str(Path(__file__).with_name("peer_eval.py"))))
 
 
-def _run_gptqmodel(cfg: dict, ids: Any) -> tuple[Any, float, str]:
+def _run_gptqmodel(cfg: dict, ids: Any, win: Any, pe: Any) -> dict[str, Any]:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import torch
     import gptqmodel
@@ -64,14 +60,17 @@ def _run_gptqmodel(cfg: dict, ids: Any) -> tuple[Any, float, str]:
         true_sequential=True, offload_to_disk=False, mse=0.0,
     )
     model = GPTQModel.load(cfg["float_dir"], qc, device="cpu", dtype=torch.float32)
+    float_ppl = pe.window_perplexity(model.model, win)
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
     start = time.perf_counter()
     model.quantize(calib, batch_size=cfg["batch_size"])
     seconds = time.perf_counter() - start
-    return model.model, seconds, gptqmodel.__version__
+    types = sorted({type(m).__name__ for n, m in model.model.named_modules() if n.endswith("_proj")})
+    return {"float_ppl": float_ppl, "ppl": pe.window_perplexity(model.model, win), "seconds": seconds,
+            "version": gptqmodel.__version__, "module_types": types}
 
 
-def _run_llmc(cfg: dict, ids: Any) -> tuple[Any, float, str]:
+def _run_llmc(cfg: dict, ids: Any, win: Any, pe: Any) -> dict[str, Any]:
     import torch
     import llmcompressor
     from datasets import Dataset
@@ -80,6 +79,7 @@ def _run_llmc(cfg: dict, ids: Any) -> tuple[Any, float, str]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(cfg["float_dir"], dtype=torch.float32)
+    float_ppl = pe.window_perplexity(model, win)
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
     weights = {"num_bits": cfg["bits"], "type": "int", "symmetric": cfg["sym"]}
     if cfg["group_size"] > 0:
@@ -96,60 +96,27 @@ def _run_llmc(cfg: dict, ids: Any) -> tuple[Any, float, str]:
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=int(ids.shape[0]),
             max_seq_length=int(ids.shape[1]), batch_size=cfg["batch_size"])
     seconds = time.perf_counter() - start
-    return model, seconds, llmcompressor.__version__
+    types = sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith("_proj")})
+    return {"float_ppl": float_ppl, "ppl": pe.window_perplexity(model, win), "seconds": seconds,
+            "version": llmcompressor.__version__, "module_types": types}
 
 
 def peer_main(name: str, cfg: dict) -> None:
+    """Quantize with the peer, evaluate its float and its whole quantized model here."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    ids = load_file(cfg["calib"])["input_ids"]
+    data = load_file(cfg["tensors"])
     run = {"gptqmodel": _run_gptqmodel, "llm-compressor": _run_llmc}[name]
-    model, seconds, version = run(cfg, ids)
-    modules = dict(model.named_modules())
-    out: dict[str, Any] = {}
-    for full, in_features in cfg["linears"].items():
-        mod = modules.get(full)
-        if mod is None:
-            raise SystemExit(f"{name}: module {full} not found after quantization")
-        out[full] = _identity_dequantize(mod, in_features)
+    res = run(cfg, data["calibration"], data["eval"], _peer_eval())
     Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
-    save_file(out, str(Path(cfg["out"]) / "weights.safetensors"))
-    types = sorted({type(modules[f]).__name__ for f in cfg["linears"]})
-    (Path(cfg["out"]) / "result.json").write_text(json.dumps(
-        {"quant_seconds": seconds, "version": version, "module_types": types}))
+    (Path(cfg["out"]) / "result.json").write_text(json.dumps(res))
 
 
 # ================================================================================================
 # bench mode: runs in qcore's environment
 # ================================================================================================
-def _block_linears(model: Any) -> dict[str, int]:
-    from qcore.arch.introspect import inspect_model
-
-    info = inspect_model(model)
-    return {f"{b.name}.{n}": li.in_features for b in info.blocks for n, li in b.linears.items()}
-
-
-
-def _load_weights(model: Any, weights: dict[str, Any]) -> None:
-    import torch
-
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, w in weights.items():
-            lin = modules[name]
-            if lin.weight.shape != w.shape:
-                raise SystemExit(f"{name}: peer weight {tuple(w.shape)} != {tuple(lin.weight.shape)}")
-            lin.weight.copy_(w.to(lin.weight.dtype))
-
-
-def _grid_ok(w: Any, bits: int, group_size: int) -> bool:
-    """Whether every (row, contiguous group) of ``w`` holds at most 2**bits distinct values."""
-    g = w.reshape(w.shape[0], -1, group_size if group_size > 0 else w.shape[1])
-    return all(len(set(row.tolist())) <= 2**bits for row in g.reshape(-1, g.shape[-1])[:: max(1, g.shape[0] // 8)])
-
-
 def _ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> float:
     from qcore.eval import perplexity
 
@@ -158,10 +125,11 @@ def _ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> float:
 
 def bench_main(args: argparse.Namespace) -> None:
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     import qcore
     from qcore.data import get_calibration
+    from qcore.eval import token_stream, windows
     from qcore.models import load_model, save_float
 
     torch.manual_seed(0)
@@ -177,8 +145,10 @@ def bench_main(args: argparse.Namespace) -> None:
     if args.peers and not (float_dir / "config.json").is_file():
         save_float(model, float_dir, tok)
     calib = get_calibration(args.calibration, tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=0)
-    save_file({"input_ids": calib.input_ids.contiguous()}, str(work / "calib.safetensors"))
-    linears = _block_linears(model)
+    win = windows(token_stream(args.eval_text, tok)[0], args.eval_seq_len, args.eval_tokens)
+    save_file({"calibration": calib.input_ids.contiguous(), "eval": win.contiguous()},
+              str(work / "tensors.safetensors"))
+    pe = _peer_eval()
 
     rows: list[dict[str, Any]] = []
     ppl_float = _ppl(model, tok, args)
@@ -213,7 +183,7 @@ def bench_main(args: argparse.Namespace) -> None:
             out = work / f"{peer}_{bits}"
             cfg = {**common, "desc_act": args.desc_act, "static_groups": args.static_groups,
                    "damp_percent": args.damp_percent, "float_dir": str(float_dir),
-                   "calib": str(work / "calib.safetensors"), "linears": linears, "out": str(out),
+                   "tensors": str(work / "tensors.safetensors"), "out": str(out),
                    "batch_size": args.batch_size}
             env = {**os.environ, "PYTHONPATH": ""}
             start = time.perf_counter()
@@ -227,27 +197,24 @@ def bench_main(args: argparse.Namespace) -> None:
                              "error": tail.strip().splitlines()[-1] if tail.strip() else "failed"})
                 continue
             res = json.loads((out / "result.json").read_text())
-            weights = load_file(str(out / "weights.safetensors"))
-            m, _ = fresh()
-            ok = all(_grid_ok(w, bits, args.group_size) for w in list(weights.values())[:7])
-            _load_weights(m, weights)
-            rows.append({"bits": bits, "method": f"{peer} {res['version']}", "ppl": _ppl(m, tok, args),
-                         "seconds": res["quant_seconds"], "subprocess_seconds": total,
-                         "on_grid": ok, "module_types": res["module_types"]})
+            ok, note = pe.float_check(res["float_ppl"], ppl_float)
+            rows.append({"bits": bits, "method": f"{peer} {res['version']}", "ppl": res["ppl"] if ok else float("nan"),
+                         "peer_ppl": res["ppl"], "peer_float_ppl": res["float_ppl"], "note": note,
+                         "seconds": res["seconds"], "subprocess_seconds": total,
+                         "module_types": res["module_types"]})
             print(rows[-1], flush=True)
-            del m
 
     print()
     print(f"model {args.model}, group {args.group_size}, sym={args.sym}, desc_act={args.desc_act}, "
           f"static_groups={args.static_groups}, damp={args.damp_percent}; calibration {calib.record['source']} "
           f"{args.n_samples}x{args.seq_len} (seed 0); WikiText-2 perplexity over {args.eval_tokens} tokens")
     print()
-    print("| bits | method | perplexity | quantize wall time (s) |")
-    print("|---|---|---|---|")
+    print("| bits | method | perplexity | quantize wall time (s) | note |")
+    print("|---|---|---|---|---|")
     for r in rows:
         ppl = f"{r['ppl']:.3f}" if r["ppl"] is not None else f"failed: {r.get('error', '')}"
         sec = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "-"
-        print(f"| {r['bits']} | {r['method']} | {ppl} | {sec} |")
+        print(f"| {r['bits']} | {r['method']} | {ppl} | {sec} | {r.get('note', '')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "calibration": calib.record, "rows": rows},
                                               indent=1, default=str))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcore.quant import native
-from qcore.quant.backends import int4_native
+from qcore.quant.backends import _dispatch, int4_native
 from qcore.quant.backends.int4_cpu import has_int4_cpu
 from qcore.quant.linear import BACKEND_RTOL, QuantLinear
 from qcore.quant.packing import unpack_codes
@@ -59,10 +59,13 @@ def test_shape_reasons() -> None:
 @needs_kernel
 @pytest.mark.parametrize("bits,gs,sym", [(4, 64, False), (4, 32, True), (4, 192, False), (4, 288, False),
                                          (4, -1, False), (3, 64, False), (2, 32, True)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 9, int4_native.NATIVE_KERNEL_MAX_ROWS + 1])
-def test_kernel_matches_float64(bits: int, gs: int, sym: bool, rows: int) -> None:
-    """Exact up to fp32 accumulation against the float64 product of the SAME bf16 activations,
-    and within the backends' tolerance of the fp32 product."""
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 70])
+@pytest.mark.parametrize("path", _dispatch.PATHS)
+def test_kernel_matches_float64(bits: int, gs: int, sym: bool, rows: int, path: str,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every path: the kernel exact up to fp32 accumulation against the float64 product of the
+    SAME bf16 activations, the dequantized weight bf16-exact; all within the backends' tolerance."""
+    monkeypatch.setenv(_dispatch.ENV_PATH, path)
     g = torch.Generator().manual_seed(bits * 1000 + rows)
     n, k = 100, 576  # 100 rows: a padded supertile
     qw = quantize_rtn(torch.randn(n, k, generator=g), bits, gs, sym)
@@ -72,9 +75,10 @@ def test_kernel_matches_float64(bits: int, gs: int, sym: bool, rows: int) -> Non
     x = torch.randn(rows, k, generator=g)
     y = int4_native.int4_native_mm(x, pack)
     assert y.shape == (rows, n) and y.dtype == torch.float32
-    if rows <= int4_native.NATIVE_KERNEL_MAX_ROWS:
+    assert int4_native.native_path(pack, k, rows) == path
+    if path == _dispatch.KERNEL:
         assert rel(y, x.bfloat16().double() @ w_hat.double().t()) < 1e-4
-    else:  # dequantize + bf16 matmul: the bf16 weight is exact, the matmul is bf16
+    else:
         assert torch.equal(native.q4_dequant_bf16(pack.words, pack.scales, pack.zeros, pack.group, n, k),
                            w_hat.bfloat16())
     assert rel(y, x.double() @ w_hat.double().t()) < BACKEND_RTOL

@@ -17,7 +17,10 @@ blocks.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +40,27 @@ if TYPE_CHECKING:
 
 
 # -- moving modules between the files and meta ------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another C library, another OS)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``). Without it the
+    freed float weights of each finished block stay in the resident set (the heap keeps them for
+    reuse, fragmented), and peak memory grows with depth: measured on a 75-layer model, 2 GB at
+    2 layers to 6 GB at 75."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def own_tensors(module: nn.Module) -> list[Tensor]:
     """The parameters and buffers a module holds itself (not its submodules')."""
     return [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
@@ -136,6 +160,7 @@ class LazyModel:
     def free(self, scope: str, recurse: bool = True) -> None:
         """Put module ``scope``'s tensors back on meta, dropping run-time caches (kernel packs)."""
         to_meta(self.model.get_submodule(scope), recurse)
+        return_freed_memory()
 
     @contextmanager
     def outer(self, blocks: Sequence[str]) -> Iterator[None]:

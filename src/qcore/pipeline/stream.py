@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore.checkpoint.atomic import LOCK_FILE, PARTIAL_INFIX, atomic_dir, atomic_file, check_target, write_json
-from qcore.pipeline.blockwise import hook_outer, to_meta
+from qcore.pipeline.blockwise import hook_outer, return_freed_memory, to_meta
 from qcore.plugin.errors import CheckpointError, CompatibilityError, ConfigError, NonFiniteError
 from qcore.progress import get_logger
 
@@ -384,6 +384,7 @@ class StreamedRun:
         self._write_state()  # the block counts as finished from here on
         (self.dir / HIDDEN_FILE.format(index=index)).unlink(missing_ok=True)
         to_meta(binfo.module, recurse=True)
+        return_freed_memory()
 
 
 def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -246,6 +246,17 @@ class QuantLinear(nn.Module):
         """The name of the backend a forward on ``device`` uses."""
         return self._select(device or self._device()).name
 
+    def kernel_path(self, rows: int, device: torch.device | None = None) -> str:
+        """The backend a forward of ``rows`` activation rows on ``device`` uses, as
+        ``backend:path`` for a backend that picks a path per row count (``path_for``, e.g.
+        ``int4_native:bf16``; builds the run-time pack, as a forward would)."""
+        dev = device or self._device()
+        backend = self._select(dev)
+        path_for = getattr(backend, "path_for", None)
+        if path_for is None:
+            return backend.name
+        return f"{backend.name}:{path_for(self._get_cache(backend, torch.float32, dev), self, rows)}"
+
     def _select(self, device: torch.device) -> KernelBackend:
         name = os.environ.get(BACKEND_ENV, "") or self.backend
         if name != "auto":

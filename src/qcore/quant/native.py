@@ -130,6 +130,10 @@ def _build(cc: str) -> Path:
     return lib
 
 
+_built: list[Path] = []
+"""The path of the library :func:`_load` loaded (set on a successful load)."""
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get(ENV_DISABLE, "1") == "0":
@@ -140,7 +144,8 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if cc is None:
         return None, "no C compiler found (set CC, or install gcc/clang)"
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        path = _build(cc)
+        lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("qcore's CPU kernel could not be built, using torch's int4 kernel: %s", exc)
         return None, f"build failed: {exc}"
@@ -152,6 +157,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         getattr(lib, name).restype = None
     lib.qc_q4_gemv.argtypes = [_ptr] * 5 + [_c_int] * 5
     lib.qc_q4_dequant_bf16.argtypes = [_ptr] * 4 + [_c_int] * 4
+    _built[:] = [path]
     return lib, None
 
 
@@ -169,6 +175,13 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return _load()[0] is not None
+
+
+def dispatch_table_path() -> Path:
+    """The JSON table of measured crossovers kept beside the loaded library
+    (``q4_avx512-KEY.so`` -> ``q4_avx512-KEY-dispatch.json``: the same source, compiler and CPU)."""
+    _lib()
+    return _built[0].with_name(_built[0].stem + "-dispatch.json")
 
 
 def padded_rows(n: int) -> int:

@@ -186,7 +186,10 @@ void qc_q4_gemv(const uint16_t *w, const uint16_t *s, const uint16_t *z, const f
   free(xs);
 }
 
-/* out [N, K] bf16 = s * (q - z), for batches where a dense bf16 matmul beats the kernel */
+/* out [N, K] bf16 = s * (q - z), for batches where a dense bf16 matmul beats the kernel. A tile's
+   16 output rows are K * 2 bytes apart (the same L1 set for K a multiple of 2048): four octets
+   (32 columns, one 64-byte line per row) are assembled in a 1 KiB local tile and then stored as
+   whole lines, so that no line is written piecewise while 15 other rows compete for its set. */
 void qc_q4_dequant_bf16(const uint16_t *w, const uint16_t *s, const uint16_t *z, uint16_t *out,
                         int N, int K, int G, int nthreads) {
   const int ng = K / G, noct = K / 8, supertiles = N / QC_ROWS;
@@ -196,6 +199,7 @@ void qc_q4_dequant_bf16(const uint16_t *w, const uint16_t *s, const uint16_t *z,
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int t = 0; t < supertiles; t++) {
     const __m512i lo4 = _mm512_set1_epi16(0x000F);
+    uint16_t tile[16][32] __attribute__((aligned(64))); /* 16 rows x 4 octets */
     for (int u = 0; u < 4; u++) {
       const size_t row0 = (size_t)t * QC_ROWS + 16 * u;
       for (int g = 0; g < ng; g++) {
@@ -203,29 +207,32 @@ void qc_q4_dequant_bf16(const uint16_t *w, const uint16_t *s, const uint16_t *z,
         __m512 zv = load_bf16x16(z + ((size_t)t * ng + g) * QC_ROWS + 16 * u);
         __m512 s_lo = _mm512_permutexvar_ps(lo_rows, sv), s_hi = _mm512_permutexvar_ps(hi_rows, sv);
         __m512 z_lo = _mm512_permutexvar_ps(lo_rows, zv), z_hi = _mm512_permutexvar_ps(hi_rows, zv);
-        for (int c = g * (G / 8); c < (g + 1) * (G / 8); c++) {
-          __m512i v = _mm512_loadu_si512(w + ((size_t)t * noct + c) * QC_ROWS * 2 + 32 * u);
-          __m512i pairs[4]; /* pairs[j]: 32-bit lane r = row r's bf16 values at columns 2j, 2j+1 */
-          for (int j = 0; j < 4; j++) {
-            __m512i q = _mm512_and_si512(j ? _mm512_srli_epi16(v, 4 * j) : v, lo4);
-            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(q)));
-            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(q, 1)));
-            lo = _mm512_mul_ps(_mm512_sub_ps(lo, z_lo), s_lo);
-            hi = _mm512_mul_ps(_mm512_sub_ps(hi, z_hi), s_hi);
-            pairs[j] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        for (int c0 = g * (G / 8); c0 < (g + 1) * (G / 8); c0 += 4) { /* G % 32 == 0 */
+          for (int cc = 0; cc < 4; cc++) {
+            __m512i v = _mm512_loadu_si512(w + ((size_t)t * noct + c0 + cc) * QC_ROWS * 2 + 32 * u);
+            __m512i pairs[4]; /* pairs[j]: 32-bit lane r = row r's bf16 values at columns 2j, 2j+1 */
+            for (int j = 0; j < 4; j++) {
+              __m512i q = _mm512_and_si512(j ? _mm512_srli_epi16(v, 4 * j) : v, lo4);
+              __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(q)));
+              __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(q, 1)));
+              lo = _mm512_mul_ps(_mm512_sub_ps(lo, z_lo), s_lo);
+              hi = _mm512_mul_ps(_mm512_sub_ps(hi, z_hi), s_hi);
+              pairs[j] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+            }
+            /* transpose 4 x 16 dwords so each row's 8 columns are one 128-bit lane */
+            __m512i t0 = _mm512_unpacklo_epi32(pairs[0], pairs[1]), t1 = _mm512_unpackhi_epi32(pairs[0], pairs[1]);
+            __m512i t2 = _mm512_unpacklo_epi32(pairs[2], pairs[3]), t3 = _mm512_unpackhi_epi32(pairs[2], pairs[3]);
+            __m512i r[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                            _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
+            for (int i = 0; i < 4; i++) { /* r[i] lane q holds row 4 q + i */
+              _mm_store_si128((__m128i *)&tile[i][8 * cc], _mm512_extracti32x4_epi32(r[i], 0));
+              _mm_store_si128((__m128i *)&tile[4 + i][8 * cc], _mm512_extracti32x4_epi32(r[i], 1));
+              _mm_store_si128((__m128i *)&tile[8 + i][8 * cc], _mm512_extracti32x4_epi32(r[i], 2));
+              _mm_store_si128((__m128i *)&tile[12 + i][8 * cc], _mm512_extracti32x4_epi32(r[i], 3));
+            }
           }
-          /* transpose 4 x 16 dwords so each row's 8 columns are one 128-bit lane */
-          __m512i t0 = _mm512_unpacklo_epi32(pairs[0], pairs[1]), t1 = _mm512_unpackhi_epi32(pairs[0], pairs[1]);
-          __m512i t2 = _mm512_unpacklo_epi32(pairs[2], pairs[3]), t3 = _mm512_unpackhi_epi32(pairs[2], pairs[3]);
-          __m512i r[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
-                          _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
-          for (int i = 0; i < 4; i++) { /* r[i] lane q holds row 4 q + i */
-            uint16_t *o = out + (row0 + i) * (size_t)K + 8 * (size_t)c;
-            _mm_storeu_si128((__m128i *)o, _mm512_extracti32x4_epi32(r[i], 0));
-            _mm_storeu_si128((__m128i *)(o + 4 * (size_t)K), _mm512_extracti32x4_epi32(r[i], 1));
-            _mm_storeu_si128((__m128i *)(o + 8 * (size_t)K), _mm512_extracti32x4_epi32(r[i], 2));
-            _mm_storeu_si128((__m128i *)(o + 12 * (size_t)K), _mm512_extracti32x4_epi32(r[i], 3));
-          }
+          for (int i = 0; i < 16; i++)
+            _mm512_storeu_si512(out + (row0 + i) * (size_t)K + 8 * (size_t)c0, _mm512_load_si512(tile[i]));
         }
       }
     }

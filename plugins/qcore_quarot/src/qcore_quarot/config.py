@@ -11,8 +11,9 @@ A_BITS: tuple[int, ...] = (4, 6, 8, 16)
 KV_BITS: tuple[int, ...] = (4, 8, 16)
 """KV-cache bits; 16 leaves keys and values in float."""
 A4_CLIP = 0.9
-"""Default clip ratio of 4-bit activations (the QuaRot paper's; measured best or near it: W4A4 rotated
-GPTQ perplexity at clip 1.0 / 0.9 / 0.85, stories260K 5.171 / 5.093 / 5.198, SmolLM2-135M 76.6 / 70.3 / 64.9)."""
+"""Default clip ratio of 4-bit activations (the QuaRot paper's; measured best or near it: W4A4
+rotated GPTQ perplexity at clip 1.0 / 0.9 / 0.85, stories260K 5.167 / 5.103 / 5.200, SmolLM2-135M
+76.6 / 70.3 / 64.9; docs/results.md)."""
 
 
 class QuaRotConfig(QuantConfig):

@@ -7,7 +7,8 @@ Built in, one module each (``auto`` tries them in this order on the device types
                 cuda    (``torch._int_mm`` / ``_weight_int8pack_mm``).
 ``int4_native`` cpu     CPUs with AVX512-BF16 and a C compiler, 1-4 bits, in_features and
                         group multiples of 32 (or per channel): qcore's own kernel, 2-3x
-                        faster than ``int4_cpu`` here.
+                        faster than ``int4_cpu`` here; from a row count measured per CPU
+                        and shape, dequantize + dense matmul (:mod:`._dispatch`).
 ``int4_cpu``    cpu     1-4 bits, group a multiple of 32 (or per channel): torch's int4 kernel
                         (bf16 activations; 2/3-bit codes run as 4-bit codes).
 ``int4_cuda``   cuda    compute capability 8.0+, the same layers: torch's CUDA int4 kernel up

@@ -1,32 +1,31 @@
 """``int4_native``: qcore's own compiled 4-bit kernel (:mod:`qcore.quant.native`, AVX512-BF16).
 
 Codes in a tiled layout that streams sequentially, bf16 scales/zeros (the stored values), bf16
-activations with fp32 accumulation, output rows in the vector lanes. Up to
-:data:`NATIVE_KERNEL_MAX_ROWS` rows it runs its GEMV/small-GEMM kernel (each unpacked weight
-vector used for 4 activation rows); above, it dequantizes into a reused bf16 scratch weight and
-runs a dense bf16 matmul. The pack holds the codes (and the scales and zeros when they are bf16),
-so the layer's buffers are released while it lives, as with ``int4_cpu``.
+activations with fp32 accumulation, output rows in the vector lanes; each unpacked weight vector
+is used for up to 4 activation rows. Which path a call takes is measured per CPU, thread count and
+shape (:mod:`qcore.quant.backends._dispatch`): the kernel below the measured crossover, from it on
+the weight dequantized (C routine) into a per-thread scratch buffer reused by every layer, then the
+faster of oneDNN's bf16 matmul (AMX where the CPU has it) and an fp32 matmul. The crossovers live
+in a JSON table beside the compiled library. The pack holds the codes (and the scales and zeros
+when they are bf16), so the layer's buffers are released while it lives, as with ``int4_cpu``.
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from qcore.quant import native
+from qcore.quant.backends import _dispatch
+from qcore.quant.backends._dispatch import Crossover, CrossoverTable
 from qcore.quant.backends._shared import Int4Recovery, act_order_perm, cpu_only, int4_codes_reason, unpermute
 
 if TYPE_CHECKING:
     from qcore.quant.linear import QuantLinear
-
-NATIVE_KERNEL_MAX_ROWS = 256
-"""Rows up to which ``int4_native`` runs its own kernel; above, dequantize + bf16 matmul.
-Measured (4096x4096 g128, 2 threads, ms; own kernel / dequantize + bf16 / torch's int4 kernel /
-bf16 dense): 32 rows 3.2 / 6.6 / 7.3 / 4.1; 128 rows 11.4 / 13.6 / 25.0 / 10.8; 256 rows 23.0 /
-23.2 / 50.6 / 20.2; 512 rows 49.4 / 43.8 / 101.0 / 39.7."""
 
 
 @dataclass
@@ -37,6 +36,7 @@ class NativeQ4Pack:
     group: int              # the kernel's group (in_features for per-channel)
     perm: Tensor | None     # activation column permutation (act-order) or None
     n: int                  # out_features
+    crossover: tuple[int, Crossover] | None = field(default=None, compare=False)  # (threads, found)
 
 
 def int4_native_shape_reason(in_features: int, bits: int, group_size: int, g_idx: Tensor | None) -> str | None:
@@ -75,28 +75,81 @@ def recover_int4_native_codes(pack: NativeQ4Pack, n: int, k: int) -> Tensor:
 
 _scratch = threading.local()
 
+CROSSOVERS = CrossoverTable(native.dispatch_table_path)
+"""Measured crossovers of this CPU's compiled kernel, by :func:`crossover_key`."""
 
-def _scratch_bf16(n: int, k: int) -> Tensor:
-    """A per-thread bf16 ``[n, k]`` buffer reused across calls and layers (a fresh 32 MiB
-    tensor costs ~10 ms of page faults here, far more than the dequantize itself)."""
-    buf = getattr(_scratch, "buf", None)
+
+def _scratch_buffer(n: int, k: int, dtype: torch.dtype) -> Tensor:
+    """A per-thread ``[n, k]`` buffer of ``dtype`` reused across calls and layers (a fresh 32 MiB
+    tensor costs ~10 ms of page faults, more than the dequantize itself). Allocated outside
+    inference mode, so a buffer first made under ``torch.inference_mode`` is still writable after."""
+    name = f"buf_{str(dtype).removeprefix('torch.')}"
+    buf = getattr(_scratch, name, None)
     if buf is None or buf.numel() < n * k:
-        buf = torch.empty(n * k, dtype=torch.bfloat16)
-        _scratch.buf = buf
+        setattr(_scratch, name, None)  # free the smaller buffer before allocating the larger one
+        with torch.inference_mode(False):
+            buf = torch.empty(n * k, dtype=dtype)
+        setattr(_scratch, name, buf)
     return buf[: n * k].view(n, k)
+
+
+def dequantize_native(pack: NativeQ4Pack, k: int, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The ``[n, K]`` weight ``s * (q - z)`` (bf16-exact) in a reused scratch buffer of ``dtype``
+    (bf16 or fp32; valid until this thread's next call)."""
+    np_ = native.padded_rows(pack.n)
+    w = native.q4_dequant_bf16(pack.words, pack.scales, pack.zeros, pack.group, pack.n, k,
+                               out=_scratch_buffer(np_, k, torch.bfloat16))
+    if dtype == torch.bfloat16:
+        return w
+    return _scratch_buffer(pack.n, k, dtype).copy_(w)
+
+
+def crossover_key(n: int, k: int, group: int) -> str:
+    """The dispatch table's key: shape, group and thread count (the library is per CPU)."""
+    return f"{n}x{k}:g{group}:t{torch.get_num_threads()}"
+
+
+def _run(x: Tensor, pack: NativeQ4Pack, path: str) -> Tensor:
+    """``x [M, K] -> [M, N]`` (x already permuted) on ``path``; float32 or bf16 out."""
+    if path == _dispatch.KERNEL:
+        return native.q4_mm(x, pack.words, pack.scales, pack.zeros, pack.group, pack.n)
+    dtype = torch.bfloat16 if path == _dispatch.DENSE_BF16 else torch.float32
+    return torch.nn.functional.linear(x.to(dtype), dequantize_native(pack, x.shape[-1], dtype))
+
+
+def native_crossover(pack: NativeQ4Pack, k: int) -> Crossover:
+    """The measured crossover for this pack's shape and the current thread count (timed with the
+    pack itself at first use)."""
+    threads = torch.get_num_threads()
+    if pack.crossover is None or pack.crossover[0] != threads:
+        gen = torch.Generator().manual_seed(0)
+        inputs: dict[int, Tensor] = {}
+
+        def timer(path: str, rows: int) -> float:
+            if rows not in inputs:
+                inputs[rows] = torch.randn(rows, k, generator=gen)
+            t = time.perf_counter()
+            _run(inputs[rows], pack, path)
+            return time.perf_counter() - t
+
+        with torch.inference_mode():
+            found = CROSSOVERS.get(crossover_key(pack.n, k, pack.group), timer)
+        if found.dense != _dispatch.DENSE_FP32:
+            _scratch.buf_float32 = None  # only the timing used it
+        pack.crossover = (threads, found)
+    return pack.crossover[1]
+
+
+def native_path(pack: NativeQ4Pack, k: int, rows: int) -> str:
+    """The path (:data:`qcore.quant.backends._dispatch.PATHS`) a call with ``rows`` rows takes."""
+    forced = _dispatch.forced_path()
+    return forced if forced is not None else native_crossover(pack, k).path(rows)
 
 
 def int4_native_mm(x: Tensor, pack: NativeQ4Pack) -> Tensor:
     """``x [M, K] -> [M, N]`` in x's dtype."""
     xp = x if pack.perm is None else x.index_select(-1, pack.perm)
-    k = x.shape[-1]
-    if x.shape[0] <= NATIVE_KERNEL_MAX_ROWS:
-        y = native.q4_mm(xp, pack.words, pack.scales, pack.zeros, pack.group, pack.n)
-    else:
-        scratch = _scratch_bf16(native.padded_rows(pack.n), k)
-        w = native.q4_dequant_bf16(pack.words, pack.scales, pack.zeros, pack.group, pack.n, k, out=scratch)
-        y = torch.nn.functional.linear(xp.to(torch.bfloat16), w)
-    return y.to(x.dtype)
+    return _run(xp, pack, native_path(pack, x.shape[-1], x.shape[0])).to(x.dtype)
 
 
 class Int4NativeBackend(Int4Recovery):
@@ -115,6 +168,10 @@ class Int4NativeBackend(Int4Recovery):
 
     def mm(self, x: Tensor, pack: NativeQ4Pack, layer: QuantLinear) -> Tensor:
         return int4_native_mm(x, pack)
+
+    def path_for(self, pack: NativeQ4Pack, layer: QuantLinear, rows: int) -> str:
+        """Which path a call with ``rows`` activation rows takes (measured on first use)."""
+        return native_path(pack, layer.in_features, rows)
 
     def codes(self, pack: NativeQ4Pack, layer: QuantLinear) -> Tensor:
         return recover_int4_native_codes(pack, layer.out_features, layer.in_features)
