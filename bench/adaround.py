@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -41,27 +40,18 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 DEFAULT_AUTOROUND_PYTHON = "/work/peers/autoround/bin/python"
-FLOAT_MATCH_RTOL = 1e-3
-"""The peer's float perplexity must equal qcore's to this relative tolerance."""
 STORIES = "stories260k"
 
 
 # ================================================================================================
 # peer mode: runs inside AutoRound's virtual environment
 # ================================================================================================
-def _peer_ppl(model: Any, win: Any) -> float:
-    import torch
-    import torch.nn.functional as F
+def _peer_eval() -> Any:
+    """bench/peer_eval.py as a namespace (bench/ is kept off sys.path: it holds scripts named like packages)."""
+    from runpy import run_path
+    from types import SimpleNamespace
 
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in win.split(4):
-            logits = model(batch).logits.float()
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                  reduction="sum")
-            total += float(nll.double())
-            count += batch[:, 1:].numel()
-    return math.exp(total / count)
+    return SimpleNamespace(**run_path(str(Path(__file__).with_name("peer_eval.py"))))
 
 
 def run_peer(cfg: dict) -> dict:
@@ -76,7 +66,8 @@ def run_peer(cfg: dict) -> dict:
     calib, win = data["calibration"], data["eval"]
     model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(cfg["model_dir"])
-    float_ppl = _peer_ppl(model, win)
+    pe = _peer_eval()
+    float_ppl = pe.window_perplexity(model, win)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
     batches = [calib[i:i + cfg["batch_size"]] for i in range(0, len(calib), cfg["batch_size"])]
     layer_config = {name: {"bits": 16} for name in cfg["float_layers"]}
@@ -90,7 +81,7 @@ def run_peer(cfg: dict) -> dict:
     after = dict(qmodel.named_parameters())
     unchanged = sorted(n[: -len(".weight")] for n, w in before.items()
                        if n.endswith(".weight") and n in after and torch.equal(after[n], w))
-    return {"float_ppl": float_ppl, "ppl": _peer_ppl(qmodel.eval(), win), "seconds": seconds,
+    return {"float_ppl": float_ppl, "ppl": pe.window_perplexity(qmodel, win), "seconds": seconds,
             "unchanged": unchanged}
 
 
@@ -110,10 +101,8 @@ def _float_layers(model: Any, patterns: list[str]) -> list[str]:
 def _peer_row(res: dict, bits: int, base: float, float_layers: list[str]) -> dict:
     """AutoRound's row: void when its float model misses qcore's perplexity or when it kept
     other linears float than the ones every method keeps float."""
-    notes = [f"its float {res['float_ppl']:.4f}"]
-    ok = math.isclose(res["float_ppl"], base, rel_tol=FLOAT_MATCH_RTOL)
-    if not ok:
-        notes.append("!= qcore's: void")
+    ok, note = _peer_eval().float_check(res["float_ppl"], base)
+    notes = [note]
     extra = sorted(set(n for n in res["unchanged"] if ".layers." in n) - set(float_layers))
     if extra:
         ok = False

@@ -6,9 +6,10 @@ WikiText-2 raw test text. The reference runs in a subprocess with its own virtua
 Python (``--hqq-python``, see bench/requirements-peers.txt): it loads the same float model (saved
 once here as a Hugging Face folder), quantizes it with ``AutoHQQHFModel.quantize_model`` and
 ``BaseQuantizeConfig(nbits, group_size)`` (its defaults: axis=1, zero point rounded at the start
-at 4 bits only) on the CPU in float32, and writes every quantized linear's dequantized weight
-(``HQQLinear.dequantize()``) to safetensors; those weights are put into the float model and
-evaluated here. Wall times: the peer's ``quantize_model`` call and qcore's ``qcore.quantize``
+at 4 bits only) on the CPU in float32, and evaluates its whole quantized model (its ``HQQLinear``
+layers as hqq runs them) in its own process on the evaluation windows computed here
+(bench/peer_eval.py), after its float model, whose perplexity must reproduce qcore's float row
+(the row is void otherwise). Wall times: the peer's ``quantize_model`` call and qcore's ``qcore.quantize``
 call, each timed around that call only (model loading and evaluation are not timed).
 
 Usage (SmolLM2-135M, the numbers in docs/results.md):
@@ -37,31 +38,39 @@ DEFAULT_HQQ_PYTHON = "/work/peers/hqq/bin/python"
 # ================================================================================================
 # peer mode: runs inside the hqq virtual environment
 # ================================================================================================
+def _peer_eval() -> Any:
+    """bench/peer_eval.py as a namespace (bench/ is kept off sys.path: it holds scripts named like packages)."""
+    from runpy import run_path
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**run_path(str(Path(__file__).with_name("peer_eval.py"))))
+
+
 def peer_main(cfg: dict) -> None:
+    """Quantize with hqq; evaluate the float model, then the whole quantized one, here."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     import hqq
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
     from hqq.models.hf.base import AutoHQQHFModel
 
+    pe = _peer_eval()
     torch.set_num_threads(int(cfg["threads"]))
+    win = load_file(cfg["windows"])["eval"]
     model = AutoModelForCausalLM.from_pretrained(cfg["float_dir"], dtype=torch.float32)
     model.eval()
+    float_ppl = pe.window_perplexity(model, win)
     qc = BaseQuantizeConfig(nbits=cfg["bits"], group_size=cfg["group_size"], axis=1)
     start = time.perf_counter()
     AutoHQQHFModel.quantize_model(model, quant_config=qc, compute_dtype=torch.float32, device="cpu")
     seconds = time.perf_counter() - start
-    weights = {}
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, HQQLinear):
-                weights[f"{name}.weight"] = mod.dequantize().float().reshape(mod.out_features, mod.in_features).contiguous()
-    save_file(weights, cfg["out"])
-    info = {"seconds": seconds, "version": getattr(hqq, "__version__", "?"), "n_linears": len(weights),
+    n_linears = sum(isinstance(m, HQQLinear) for m in model.modules())
+    info = {"seconds": seconds, "version": getattr(hqq, "__version__", "?"), "n_linears": n_linears,
+            "float_ppl": float_ppl, "ppl": pe.window_perplexity(model, win),
             "config": {k: v for k, v in qc["weight_quant_params"].items() if isinstance(v, (int, float, bool, str))}}
-    Path(cfg["out"] + ".json").write_text(json.dumps(info))
+    Path(cfg["out"]).write_text(json.dumps(info))
 
 
 # ================================================================================================
@@ -75,27 +84,17 @@ def _ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> tuple[float, i
 
 
 
-def _load_weights(model: Any, weights: dict[str, Any]) -> None:
-    import torch
 
-    with torch.no_grad():
-        for key, w in weights.items():
-            lin = model.get_submodule(key.removesuffix(".weight"))
-            if tuple(lin.weight.shape) != tuple(w.shape):
-                raise SystemExit(f"peer weight {key} has shape {tuple(w.shape)}, expected {tuple(lin.weight.shape)}")
-            lin.weight.copy_(w)
-
-
-def _run_peer(args: argparse.Namespace, float_dir: Path, tmp: Path, bits: int) -> tuple[dict[str, Any], Path]:
-    out = tmp / f"hqq_peer_{bits}.safetensors"
+def _run_peer(args: argparse.Namespace, float_dir: Path, tmp: Path, bits: int) -> dict[str, Any]:
+    out = tmp / f"hqq_peer_{bits}.json"
     cfg = {"float_dir": str(float_dir), "bits": bits, "group_size": args.group_size, "out": str(out),
-           "threads": int(os.environ.get("OMP_NUM_THREADS", "2"))}
+           "windows": str(tmp / "windows.safetensors"), "threads": int(os.environ.get("OMP_NUM_THREADS", "2"))}
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     proc = subprocess.run([args.hqq_python, __file__, "--peer-config", json.dumps(cfg)], env=env,
                           capture_output=True, text=True, timeout=args.peer_timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"hqq peer failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(Path(str(out) + ".json").read_text()), out
+    return json.loads(out.read_text())
 
 
 def _parse_variant(spec: str) -> dict[str, Any]:
@@ -109,9 +108,10 @@ def _parse_variant(spec: str) -> dict[str, Any]:
 
 def bench_main(args: argparse.Namespace) -> None:
     import torch
-    from safetensors.torch import load_file
+    from safetensors.torch import save_file
 
     import qcore
+    from qcore.eval import token_stream, windows
     from qcore.models import load_model, save_float
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -126,7 +126,10 @@ def bench_main(args: argparse.Namespace) -> None:
         float_dir = tmp / "float"
         if not args.no_peer:
             save_float(model, float_dir)
+            win = windows(token_stream(args.eval_text, tok)[0], args.eval_seq_len, args.eval_tokens)
+            save_file({"eval": win.contiguous()}, str(tmp / "windows.safetensors"))
         del model
+        pe = _peer_eval()
 
         for bits in args.bits:
             variants: list[tuple[str, str, dict[str, Any]]] = [("rtn", "rtn", {}), ("hqq", "qcore hqq", {})]
@@ -150,28 +153,26 @@ def bench_main(args: argparse.Namespace) -> None:
                 del m
             if args.no_peer:
                 continue
-            info, path = _run_peer(args, float_dir, tmp, bits)
-            m, _ = load_model(args.model)
-            weights = load_file(str(path))
-            _load_weights(m, weights)
-            ppl, _ = _ppl(m, tok, args)
+            info = _run_peer(args, float_dir, tmp, bits)
+            ok, note = pe.float_check(info["float_ppl"], rows[0]["ppl"])
             label = f"hqq {info['version']} (reference)"
-            rows.append({"bits": bits, "method": label, "ppl": ppl, "seconds": info["seconds"],
-                         "peer_config": info["config"], "n_linears": info["n_linears"]})
-            print(f"{bits}-bit {label}: ppl {ppl:.3f}, quantize {info['seconds']:.2f} s "
+            rows.append({"bits": bits, "method": label, "ppl": info["ppl"] if ok else float("nan"),
+                         "seconds": info["seconds"], "peer_ppl": info["ppl"], "peer_float_ppl": info["float_ppl"],
+                         "note": note, "peer_config": info["config"], "n_linears": info["n_linears"]})
+            print(f"{bits}-bit {label}: ppl {info['ppl']:.3f} ({note}), quantize {info['seconds']:.2f} s "
                   f"({info['n_linears']} linears)", flush=True)
-            del m, weights
 
     print()
     print(f"{args.model}, group size {args.group_size}, WikiText-2 raw test: {n_pred} predicted tokens "
           f"(first {args.eval_tokens} tokens, windows of {args.eval_seq_len}), "
           f"{os.environ.get('OMP_NUM_THREADS', '2')} CPU threads")
     print()
-    print("| bits | method | perplexity | quantize wall time (s) |")
-    print("|---|---|---|---|")
+    print("| bits | method | perplexity | quantize wall time (s) | note |")
+    print("|---|---|---|---|---|")
     for r in rows:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.2f}"
-        print(f"| {r['bits'] if r['bits'] != 32 else 'fp32'} | {r['method']} | {r['ppl']:.3f} | {secs} |")
+        print(f"| {r['bits'] if r['bits'] != 32 else 'fp32'} | {r['method']} | {r['ppl']:.3f} | {secs} | "
+              f"{r.get('note', '')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "group_size": args.group_size,
                                                "eval_tokens": n_pred, "rows": rows}, indent=2))

@@ -65,16 +65,21 @@ PEERS: tuple[str, ...] = ("spinquant", "quip")
 # ================================================================================================
 # peer mode: runs inside llm-compressor's virtual environment (its packages, torch, safetensors)
 # ================================================================================================
+def _peer_eval() -> Any:
+    """bench/peer_eval.py as a namespace (bench/ is kept off sys.path: it holds scripts named like packages)."""
+    from runpy import run_path
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**run_path(str(Path(__file__).with_name("peer_eval.py"))))
+
+
 def peer_main(name: str, cfg: dict[str, Any]) -> None:
     """llm-compressor's SpinQuantModifier (R1, R2, R4) or QuIPModifier (input rotations "v"), then
     its GPTQModifier with cfg's scheme (int weights, per-token dynamic int activations), on the
-    saved float model and calibration windows; perplexity on the given evaluation windows with
-    qcore's formula (sum of next-token NLL / predicted tokens). Writes result.json."""
-    import math
-
+    saved float model and calibration windows; perplexity of its float model, then of its whole
+    quantized model, on the given evaluation windows (bench/peer_eval.py). Writes result.json."""
     import llmcompressor
     import torch
-    import torch.nn.functional as F
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
@@ -85,7 +90,9 @@ def peer_main(name: str, cfg: dict[str, Any]) -> None:
     torch.manual_seed(0)
     ids = load_file(cfg["calib"])["input_ids"]
     windows = load_file(cfg["eval"])["windows"]
+    pe = _peer_eval()
     model = AutoModelForCausalLM.from_pretrained(cfg["float_dir"], dtype=torch.float32)
+    float_ppl = pe.window_perplexity(model, windows)
     weights: dict[str, Any] = {"num_bits": cfg["w_bits"], "type": "int", "symmetric": cfg["w_sym"]}
     weights.update(strategy="group", group_size=cfg["group_size"]) if cfg["group_size"] > 0 else \
         weights.update(strategy="channel")
@@ -115,14 +122,8 @@ def peer_main(name: str, cfg: dict[str, Any]) -> None:
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=int(ids.shape[0]),
             max_seq_length=int(ids.shape[1]), batch_size=1)
     seconds = time.perf_counter() - start
-    total = 0.0
-    with torch.no_grad():
-        for batch in windows.split(4):
-            logits = model(batch).logits.float()
-            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                           reduction="sum").double())
-    ppl = math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
-    Path(cfg["out"]).write_text(json.dumps({"ppl": ppl, "quant_seconds": seconds, "rotation_seconds": rotation[0],
+    Path(cfg["out"]).write_text(json.dumps({"ppl": pe.window_perplexity(model, windows), "float_ppl": float_ppl,
+                                            "quant_seconds": seconds, "rotation_seconds": rotation[0],
                                             "version": llmcompressor.__version__}))
 
 
@@ -252,7 +253,7 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     add("ablation W4A4KV4", "R1+R2+R4+R3", with_act_kv(rotated, 4, 4, True, args.rotation_seed))
     del rotated
     if args.peers:
-        rows += peers(args, base, tok, calib)
+        rows += peers(args, base, tok, calib, rows[0]["ppl"])
     return rows
 
 
@@ -292,9 +293,10 @@ def clip_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def peers(args: argparse.Namespace, base: Any, tok: Any, calib: Any) -> list[dict[str, Any]]:
+def peers(args: argparse.Namespace, base: Any, tok: Any, calib: Any, float_ppl: float) -> list[dict[str, Any]]:
     """llm-compressor's SpinQuant and QuIP with GPTQ weights at W4A16 and W4A4 (KV16), on the same
-    float model, calibration windows and evaluation windows."""
+    float model, calibration windows and evaluation windows; a row is void (NaN) when the peer's
+    float model misses ``float_ppl``."""
     import tempfile
 
     from safetensors.torch import save_file
@@ -309,6 +311,7 @@ def peers(args: argparse.Namespace, base: Any, tok: Any, calib: Any) -> list[dic
     save_file({"windows": windows(ids, args.eval_seq_len, args.eval_tokens).contiguous()},
               str(work / "eval.safetensors"))
     rows = []
+    pe = _peer_eval()
     for name in args.peers:
         for a_bits in (16, 4):
             cfg = {"float_dir": str(work / "float"), "calib": str(work / "calib.safetensors"),
@@ -317,9 +320,10 @@ def peers(args: argparse.Namespace, base: Any, tok: Any, calib: Any) -> list[dic
                    "out": str(work / f"{name}_{a_bits}.json")}
             res = run_peer(name, cfg, args.peer_python, args.peer_timeout)
             label = f"llm-compressor {res.get('version', '')} {name} ({args.peer_transform}) + GPTQ".replace("  ", " ")
-            rows.append({"section": f"peer W4A{a_bits} GPTQ g{args.group_size}", "row": label,
-                         "ppl": res.get("ppl"), "seconds": res.get("quant_seconds"),
-                         "rotation_seconds": res.get("rotation_seconds"),
+            ok, note = pe.float_check(res["float_ppl"], float_ppl) if "ppl" in res else (False, "")
+            rows.append({"section": f"peer W4A{a_bits} GPTQ g{args.group_size}", "row": f"{label}, {note}" if note else label,
+                         "ppl": (res["ppl"] if ok else float("nan")) if "ppl" in res else None,
+                         "seconds": res.get("quant_seconds"), "rotation_seconds": res.get("rotation_seconds"),
                          "error": res.get("error")})
             print(json.dumps(rows[-1]), flush=True)
     return rows

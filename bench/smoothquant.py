@@ -14,7 +14,8 @@ same calibration windows: ``SmoothQuantModifier(smoothing_strength=alpha)`` then
 ``QuantizationModifier`` (int8 per-channel symmetric weights, dynamic per-token symmetric int
 activations of the same width). Its perplexity is computed inside the subprocess on its own
 (fake-quantizing) forward, over the same windows, with the same formula; the subprocess also
-evaluates the float model so the two evaluations can be checked against each other. Times are
+evaluates its float model first (bench/peer_eval.py): a peer row whose float perplexity misses
+qcore's float row is void (NaN). Times are
 the quantization calls only (``qcore.quantize`` / ``oneshot``).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/smoothquant.py --model smollm2-135m \\
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -49,17 +49,12 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # ================================================================================================
 # peer mode: runs inside llm-compressor's virtual environment (torch, transformers, llmcompressor)
 # ================================================================================================
-def _nll_sum(model: Any, windows: Any, batch_size: int) -> float:
-    import torch
-    import torch.nn.functional as F
+def _peer_eval() -> Any:
+    """bench/peer_eval.py as a namespace (bench/ is kept off sys.path: it holds scripts named like packages)."""
+    from runpy import run_path
+    from types import SimpleNamespace
 
-    total = 0.0
-    with torch.no_grad():
-        for batch in windows.split(batch_size):
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            pred = logits[:, :-1, :].reshape(-1, logits.shape[-1])
-            total += float(F.cross_entropy(pred, batch[:, 1:].reshape(-1), reduction="sum").double())
-    return total
+    return SimpleNamespace(**run_path(str(Path(__file__).with_name("peer_eval.py"))))
 
 
 def peer_main(cfg: dict) -> None:
@@ -75,9 +70,9 @@ def peer_main(cfg: dict) -> None:
     torch.manual_seed(0)
     ids = load_file(cfg["calib"])["input_ids"]
     win = load_file(cfg["eval"])["windows"]
-    n_pred = win.shape[0] * (win.shape[1] - 1)
+    pe = _peer_eval()
     model = AutoModelForCausalLM.from_pretrained(cfg["float_dir"], dtype=torch.float32).eval()
-    float_ppl = math.exp(_nll_sum(model, win, cfg["eval_batch"]) / n_pred) if cfg["eval_float"] else None
+    float_ppl = pe.window_perplexity(model, win, cfg["eval_batch"])
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
     scheme = {
         "targets": ["Linear"],
@@ -92,7 +87,7 @@ def peer_main(cfg: dict) -> None:
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=int(ids.shape[0]),
             max_seq_length=int(ids.shape[1]), batch_size=cfg["batch_size"])
     seconds = time.perf_counter() - start
-    ppl = math.exp(_nll_sum(model, win, cfg["eval_batch"]) / n_pred)
+    ppl = pe.window_perplexity(model, win, cfg["eval_batch"])
     Path(cfg["out"]).write_text(json.dumps({"ppl": ppl, "float_ppl": float_ppl, "seconds": seconds,
                                             "version": llmcompressor.__version__}))
 
@@ -214,7 +209,6 @@ def bench_main(args: argparse.Namespace) -> None:
         (f"smoothquant a={args.alpha:g}", {"alpha": args.alpha}),
         ("smoothquant a-grid", {"alpha_grid": args.alpha_grid}),
     ]
-    eval_float = True
     for a_bits in args.a_bits:
         for label, opts in variants:
             m, _ = fresh()
@@ -233,8 +227,7 @@ def bench_main(args: argparse.Namespace) -> None:
                 out = work / f"llmc_a{a_bits}_{int(smooth)}.json"
                 cfg = {"float_dir": str(float_dir), "calib": str(work / "calib.safetensors"),
                        "eval": str(work / "eval.safetensors"), "out": str(out), "a_bits": a_bits,
-                       "alpha": args.alpha, "smooth": smooth, "batch_size": 8, "eval_batch": args.eval_batch,
-                       "eval_float": eval_float}
+                       "alpha": args.alpha, "smooth": smooth, "batch_size": 8, "eval_batch": args.eval_batch}
                 env = {**os.environ, "PYTHONPATH": ""}
                 env.pop("QCORE_QLINEAR_BACKEND", None)
                 proc = subprocess.run([args.llmc_python, __file__, "--peer", json.dumps(cfg)], capture_output=True,
@@ -247,12 +240,10 @@ def bench_main(args: argparse.Namespace) -> None:
                                  "error": tail.strip().splitlines()[-1] if tail.strip() else "failed"})
                     continue
                 res = json.loads(out.read_text())
-                if res["float_ppl"] is not None:
-                    rows.append({"a_bits": "-", "method": f"float (llm-compressor's evaluation, {res['version']})",
-                                 "ppl": res["float_ppl"], "seconds": None})
-                    eval_float = False
-                rows.append({"a_bits": a_bits, "method": f"{label} ({res['version']})", "ppl": res["ppl"],
-                             "seconds": res["seconds"]})
+                ok, note = _peer_eval().float_check(res["float_ppl"], rows[0]["ppl"])
+                rows.append({"a_bits": a_bits, "method": f"{label} ({res['version']}; {note})",
+                             "ppl": res["ppl"] if ok else float("nan"), "peer_ppl": res["ppl"],
+                             "peer_float_ppl": res["float_ppl"], "seconds": res["seconds"]})
                 print(rows[-1], flush=True)
 
     print()

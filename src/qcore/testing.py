@@ -116,6 +116,9 @@ class MethodConformance:
     size, else 4 bits, group 32)."""
     max_error_vs_rtn: ClassVar[float] = 1.5
     """The method's relative logit error may be at most this multiple of RTN's."""
+    from_pretrained: ClassVar[bool] = True
+    """Whether transformers' ``from_pretrained`` loads the method's checkpoints (:mod:`qcore.hf`);
+    False for modules whose serializer loads their tensors itself (the refusal is tested)."""
 
     _cache: ClassVar[dict[str, Any]] = {}
 
@@ -225,6 +228,29 @@ class MethodConformance:
         loaded = qcore.load(path)
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+    def test_from_pretrained_reproduces_logits(self, tmp_path: Path) -> None:
+        """transformers' from_pretrained of the checkpoint (qcore.hf registered) gives the same
+        logits, and its save_pretrained folder loads again identically with qcore.load."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        import qcore
+        import qcore.hf  # noqa: F401 - registers "qcore" with transformers
+        from qcore.plugin.errors import CheckpointError
+
+        model, _, ids, _ = self._quantized()
+        path = qcore.save(model, tmp_path / "ck")
+        if not self.from_pretrained:
+            with pytest.raises(CheckpointError, match="qcore.load"):
+                AutoModelForCausalLM.from_pretrained(path)
+            return
+        hf_model = AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            expected = model(ids).logits
+            assert torch.equal(hf_model(ids).logits, expected)
+            hf_model.save_pretrained(tmp_path / "hf")
+            assert torch.equal(qcore.load(tmp_path / "hf")(ids).logits, expected)
 
     def test_per_layer_precision(self, tmp_path: Path) -> None:
         """A per-layer map of bits and group sizes reaches every layer, the checkpoint and ``qcore info``."""

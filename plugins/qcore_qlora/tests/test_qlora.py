@@ -24,6 +24,7 @@ class TestQLoRAConformance(MethodConformance):
     unsupported = [({"quant_type": "int4"}, "quant_type"), ({"r": 0}, "r"),
                    ({"compute_dtype": "int8"}, "compute_dtype"), ({"targets": ["no_such_proj"]}, "targets")]
     rtn_options = {"bits": 4, "group_size": 64}  # NF4 in blocks of 64
+    from_pretrained = False  # bitsandbytes layers load their tensors through their serializer
 
     def is_packed(self, module: nn.Module) -> bool:
         """A bitsandbytes 4-bit linear, bare or under its LoRA adapter."""
