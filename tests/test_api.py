@@ -102,3 +102,7 @@ def test_main_job_on_real_model(tmp_path) -> None:
     on_disk = describe_checkpoint(out)
     assert on_disk["quantized_bytes"] < 0.30 * on_disk["quantized_fp16_bytes"]
     assert (out / "config.json").is_file() and not list(tmp_path.glob(".*tmp*"))
+    # the evaluation travels with the checkpoint: its record and its model card
+    ev = json.loads((out / "config.json").read_text())["quantization_config"]["evaluation"]
+    assert (ev["perplexity"], ev["float_perplexity"], ev["data"]) == (q, f, "tinystories")
+    assert f"| quantized | {q:.3f} |" in (out / "README.md").read_text()

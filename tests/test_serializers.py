@@ -185,7 +185,7 @@ def test_plugin_modules_round_trip_exactly_without_pickle(plugin_ckpt, monkeypat
     assert modules[f"{WRAPPED}.inner"]["type"] == "qcore.quant_linear"
     assert modules[CHILD_OF_QUANT]["type"] == "test.rotation"
     assert qc["format_version"] == 2  # an older qcore cannot rebuild these types: it must refuse
-    assert {p.suffix for p in path.iterdir()} == {".json", ".safetensors"}
+    assert {p.suffix for p in path.iterdir()} == {".json", ".safetensors", ".md"}  # no pickle; the model card
 
     def no_pickle(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("torch.load must never be called")

@@ -360,11 +360,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report["quantized"] = _perplexity(reloaded, tok, eval_texts, args)
         report["quantized"]["sizes"] = _sizes(reloaded)
         report["eval_data"] = eval_name
+        _record_evaluation(out, report)
         text = _quantize_report(report)
     else:
         text = f"saved {out} ({' + '.join(args.method)}, {report['quantize_seconds']} s)"
     emit(args.json, report, text)
     return 0
+
+
+def _record_evaluation(out: Path, report: dict[str, Any]) -> None:
+    """The evaluation of ``qcore quantize --eval`` into the checkpoint's record and model card."""
+    from qcore.checkpoint.card import portable_name, record_evaluation
+
+    q = report["quantized"]
+    record_evaluation(out, {"data": portable_name(str(report["eval_data"])), "perplexity": q["perplexity"],
+                            "float_perplexity": report["float"]["perplexity"], "tokens": q["tokens"],
+                            "seq_len": q["seq_len"]})
 
 
 def _quantize_streaming(args: argparse.Namespace, options: dict[str, Any]) -> int:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from qcore.checkpoint.atomic import atomic_dir, model_sources, write_json
+from qcore.checkpoint.card import portable_name, portable_record, write_card
 from qcore.checkpoint.format import (
     CONFIG_FILE,
     FORMAT,
@@ -66,13 +67,16 @@ def save(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any = None,
 
 def write_config_files(model: nn.Module, qconfig: dict[str, Any], files: dict[str, dict[str, Any]], tmp: Path,
                        tokenizer: Any = None) -> None:
-    """``config.json`` (with ``quantization_config``), the generation config and the tokenizer of a
-    checkpoint whose weight ``files`` are written in ``tmp``."""
+    """``config.json`` (with ``quantization_config``), the model card, the generation config and
+    the tokenizer of a checkpoint whose weight ``files`` are written in ``tmp``."""
     qconfig["checkpoint"]["files"] = files
     config_dict = json.loads(model.config.to_json_string(use_diff=False))
     config_dict["architectures"] = [type(model).__name__]  # the class these tensors belong to
+    if "_name_or_path" in config_dict:  # no path of this machine in the checkpoint
+        config_dict["_name_or_path"] = portable_name(config_dict["_name_or_path"])
     config_dict["quantization_config"] = qconfig
     write_json(tmp / CONFIG_FILE, config_dict, sort_keys=True)
+    write_card(tmp, config_dict)
     gen = getattr(model, "generation_config", None)
     if gen is not None and _can_generate(model):
         gen.save_pretrained(tmp)
@@ -103,7 +107,7 @@ def _quantization_config(model: nn.Module, record: dict[str, Any], tied: dict[st
     qc["format_version"] = required_version(qc["modules"])
     qc["quant_method"] = FORMAT
     qc["checkpoint"] = {"files": {}, "tied": tied}
-    return qc
+    return portable_record(qc)
 
 
 def module_entries(model: nn.Module, recorded: dict[str, Any] | None = None,
