@@ -61,18 +61,22 @@ def _peer_gptqmodel(cfg: dict, ids: Any, win: Any, pe: Any) -> dict[str, Any]:
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import FORMAT, METHOD
     from gptqmodel.utils.backend import BACKEND
+    from transformers import AutoModelForCausalLM
 
     qc = QuantizeConfig(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
-                        quant_method=METHOD.AWQ, format=FORMAT.GEMM)
+                        quant_method=METHOD.AWQ, format=FORMAT.GEMM, offload_to_disk=False)
     dtype = getattr(torch, cfg["gptqmodel_dtype"])
+    float_ppl = pe.window_perplexity(AutoModelForCausalLM.from_pretrained(cfg["float_dir"], dtype=dtype), win)
     model = GPTQModel.load(cfg["float_dir"], qc, device="cpu", dtype=dtype)
-    float_ppl = pe.window_perplexity(model.model, win)
     calib = [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in ids]
     start = time.perf_counter()
     # the default AWQ kernels need CUDA; AWQ_TORCH is GPTQModel's device-agnostic one (float16/bfloat16 only)
     model.quantize(calib, batch_size=1, backend=BACKEND.AWQ_TORCH)
     seconds = time.perf_counter() - start
-    return {"float_ppl": float_ppl, "ppl": pe.window_perplexity(model.model, win), "seconds": seconds,
+    model.save(cfg["out"] + "/checkpoint")  # evaluated as a user gets it: its own loader on its file
+    del model
+    quantized = GPTQModel.load(cfg["out"] + "/checkpoint", device="cpu", dtype=dtype, backend=BACKEND.AWQ_TORCH)
+    return {"float_ppl": float_ppl, "ppl": pe.window_perplexity(quantized.model, win), "seconds": seconds,
             "version": gptqmodel.__version__, "dtype": cfg["gptqmodel_dtype"]}
 
 

@@ -53,20 +53,24 @@ def _run_gptqmodel(cfg: dict, ids: Any, win: Any, pe: Any) -> dict[str, Any]:
     import torch
     import gptqmodel
     from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoModelForCausalLM
 
     qc = QuantizeConfig(
         bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"], desc_act=cfg["desc_act"],
         static_groups=cfg["static_groups"], act_group_aware=False, damp_percent=cfg["damp_percent"],
         true_sequential=True, offload_to_disk=False, mse=0.0,
     )
+    float_ppl = pe.window_perplexity(AutoModelForCausalLM.from_pretrained(cfg["float_dir"], dtype=torch.float32), win)
     model = GPTQModel.load(cfg["float_dir"], qc, device="cpu", dtype=torch.float32)
-    float_ppl = pe.window_perplexity(model.model, win)
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids]
     start = time.perf_counter()
     model.quantize(calib, batch_size=cfg["batch_size"])
     seconds = time.perf_counter() - start
-    types = sorted({type(m).__name__ for n, m in model.model.named_modules() if n.endswith("_proj")})
-    return {"float_ppl": float_ppl, "ppl": pe.window_perplexity(model.model, win), "seconds": seconds,
+    model.save(cfg["out"] + "/checkpoint")  # evaluated as a user gets it: its own loader on its file
+    del model
+    quantized = GPTQModel.load(cfg["out"] + "/checkpoint", device="cpu", dtype=torch.float32)
+    types = sorted({type(m).__name__ for n, m in quantized.model.named_modules() if n.endswith("_proj")})
+    return {"float_ppl": float_ppl, "ppl": pe.window_perplexity(quantized.model, win), "seconds": seconds,
             "version": gptqmodel.__version__, "module_types": types}
 
 

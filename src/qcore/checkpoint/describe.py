@@ -102,8 +102,15 @@ def _describe_dir(root: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     root = checkpoint_dir(root)
+    config = read_config(root)
+    from qcore.formats import gptq
+
+    if gptq.is_gptq(config):  # another tool's checkpoint that qcore reads: described as loaded
+        from qcore.checkpoint.loading import load
+
+        return {**_describe_model(load(root)), "source": str(root)}
     files = weight_files(root)
-    qc = quantization_config(read_config(root), root)
+    qc = quantization_config(config, root)
     modules = {n: e for n, e in qc.get("modules", {}).items() if entry_type(e) == QUANT_LINEAR_TYPE}
     per_module: dict[str, list[tuple[str, list[int], str]]] = {}
     for fname in files:

@@ -45,6 +45,9 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype
     sha256 against the one recorded at save time. With ``with_tokenizer=True`` returns
     ``(model, tokenizer)``.
     """
+    imported = _import_foreign(path, device, dtype)
+    if imported is not None:
+        return (imported, load_tokenizer(checkpoint_dir(path))) if with_tokenizer else imported
     ckpt = open_checkpoint(path, dtype, verify=verify)
     model = ckpt.model
     assign_tensors(ckpt, read_tensors(ckpt.root, ckpt.files, device))
@@ -55,6 +58,18 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype
     if with_tokenizer:
         return model, load_tokenizer(ckpt.root)
     return model
+
+
+def _import_foreign(path: str | os.PathLike[str], device: str | torch.device,
+                    dtype: torch.dtype | None) -> nn.Module | None:
+    """Another tool's checkpoint that qcore reads (GPTQ: :mod:`qcore.formats.gptq`), or None."""
+    root = checkpoint_dir(path)
+    config = read_config(root)
+    from qcore.formats import gptq
+
+    if gptq.is_gptq(config):
+        return gptq.load(root, config, device, dtype)
+    return None
 
 
 @dataclass

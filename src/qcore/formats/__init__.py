@@ -21,9 +21,11 @@ from qcore.plugin.errors import QcoreError
 
 FORMATS: dict[str, str] = {
     "compressed-tensors": "qcore.formats.compressed_tensors",
+    "gptq": "qcore.formats.gptq",
 }
 """Export format name -> the module that writes it (``compressed-tensors``: pack-quantized
-weight-only checkpoints that transformers and vLLM load)."""
+weight-only checkpoints that transformers and vLLM load; ``gptq``: the GPTQ layout of
+AutoGPTQ / GPTQModel, which ``qcore.load`` also reads)."""
 
 
 class ExportError(QcoreError, ValueError):

@@ -1,0 +1,279 @@
+"""The GPTQ checkpoint format (AutoGPTQ / GPTQModel / optimum, read by transformers, vLLM, TGI):
+imported by ``qcore.load``, written by ``qcore.export(..., format="gptq")``.
+
+Per quantized linear ``NAME`` (``out`` x ``in``, ``bits`` in 2/4/8, ``G`` groups)::
+
+    NAME.qweight  int32 [in * bits / 32, out]   codes packed along the input, first in the lowest bits
+    NAME.qzeros   int32 [G, out * bits / 32]    zero points packed along the output
+    NAME.scales   float16 [G, out]
+    NAME.g_idx    int32 [in]                    the group of each input column (act-order permutes it)
+    NAME.bias     float16 [out]                 when the layer has one
+
+so ``w[o, i] = scales[g_idx[i], o] * (code[i, o] - zero[g_idx[i], o])``. ``checkpoint_format``
+``"gptq"`` (v1, AutoGPTQ's) stores each zero point minus one; ``"gptq_v2"`` stores it as is.
+``quantization_config``: ``quant_method "gptq"``, ``bits``, ``group_size``, ``desc_act``, ``sym``,
+``checkpoint_format``. Imported layers become qcore ``QuantLinear`` modules (codes, float16
+scales and zero points carried over exactly) and run on qcore's kernels; the record's chain says
+where they came from (``"imported": "gptq"``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qcore.plugin.errors import CheckpointError
+
+QUANT_METHOD = "gptq"
+V1, V2 = "gptq", "gptq_v2"
+"""``checkpoint_format`` values: v1 stores zero - 1, v2 the zero itself."""
+PACKABLE_BITS: tuple[int, ...] = (2, 4, 8)
+"""Widths whose codes fill 32-bit words exactly (3-bit GPTQ packing spans words: not read)."""
+SUFFIXES: tuple[str, ...] = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def is_gptq(config: dict[str, Any]) -> bool:
+    """Whether a ``config.json`` dict describes a GPTQ checkpoint."""
+    qc = config.get("quantization_config")
+    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == QUANT_METHOD
+
+
+def unpack_rows(words: Tensor, bits: int) -> Tensor:
+    """int32 ``[r, c]`` words -> ``[r * 32 / bits, c]`` codes (each word's values down a column)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    vals = (words.unsqueeze(1) >> shifts[None, :, None]) & ((1 << bits) - 1)
+    return vals.reshape(-1, words.shape[1])
+
+
+def unpack_cols(words: Tensor, bits: int) -> Tensor:
+    """int32 ``[r, c]`` words -> ``[r, c * 32 / bits]`` codes (each word's values along a row)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    vals = (words.unsqueeze(2) >> shifts[None, None, :]) & ((1 << bits) - 1)
+    return vals.reshape(words.shape[0], -1)
+
+
+def _settings(qc: dict[str, Any], root: Path) -> tuple[int, int, bool, str]:
+    bits, group = int(qc.get("bits", 0)), int(qc.get("group_size", -1))
+    fmt = str(qc.get("checkpoint_format", qc.get("format", V1)) or V1).lower()
+    if bits not in PACKABLE_BITS:
+        raise CheckpointError(f"{root}: {bits}-bit GPTQ checkpoints are not read (qcore reads "
+                              f"{', '.join(map(str, PACKABLE_BITS))}-bit ones): load it with GPTQModel")
+    if fmt not in (V1, V2):
+        raise CheckpointError(f"{root}: GPTQ checkpoint_format {fmt!r} is not read (qcore reads {V1!r} and "
+                              f"{V2!r}); convert it with GPTQModel")
+    return bits, group, bool(qc.get("sym", True)), fmt
+
+
+def layer_weight(tensors: dict[str, Tensor], bits: int, group: int, sym: bool, v1: bool) -> Any:
+    """A :class:`~qcore.quant.primitives.QuantizedWeight` from one layer's GPTQ tensors."""
+    from qcore.quant.primitives import QuantizedWeight
+
+    codes = unpack_rows(tensors["qweight"], bits)  # [in, out]
+    n_in, n_out = codes.shape
+    zeros = unpack_cols(tensors["qzeros"], bits)[:, :n_out] + (1 if v1 else 0)  # [G, out]
+    g_idx = tensors.get("g_idx")
+    g_idx = torch.arange(n_in, dtype=torch.int32) // (group if group > 0 else n_in) if g_idx is None else g_idx
+    contiguous = torch.equal(g_idx.long(), torch.arange(n_in) // (group if group > 0 else n_in))
+    return QuantizedWeight(codes.T.contiguous().to(torch.uint8), tensors["scales"].T.float().contiguous(),
+                           zeros.T.float().contiguous(), bits, group if group > 0 else -1, sym,
+                           None if contiguous else g_idx.to(torch.int32))
+
+
+def load(root: Path, config: dict[str, Any], device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None) -> nn.Module:
+    """A GPTQ checkpoint as a model with qcore ``QuantLinear`` layers (float16 scales, codes as stored)."""
+    from qcore.arch.surgery import prepare_model
+    from qcore.checkpoint.format import read_tensors, weight_files
+    from qcore.checkpoint.skeleton import build_empty
+    from qcore.quant.linear import QuantLinear
+
+    qc = config["quantization_config"]
+    bits, group, sym, fmt = _settings(qc, root)
+    model = build_empty(config, root, dtype)
+    prepare_model(model)
+    state = read_tensors(root, weight_files(root), device)
+    prefixes = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
+    if not prefixes:
+        raise CheckpointError(f"{root}: quant_method is gptq but no tensor ends in .qweight: the checkpoint is "
+                              "incomplete or not GPTQ")
+    for name in prefixes:
+        parts = {s: state.pop(f"{name}.{s}") for s in SUFFIXES if f"{name}.{s}" in state}
+        bias = state.pop(f"{name}.bias", None)
+        try:
+            qw = layer_weight(parts, bits, group, sym, fmt == V1)
+        except KeyError as exc:
+            raise CheckpointError(f"{root}: layer {name} lacks {exc.args[0]}: the checkpoint is incomplete") from exc
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf,
+                QuantLinear.from_quantized(qw, bias.float() if bias is not None else None,
+                                           scale_dtype=torch.float16))
+    missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
+    if missing and getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"{root}: {len(left)} tensor(s) are not in the checkpoint, e.g. {', '.join(left[:3])}")
+    if dtype is not None:
+        from qcore.checkpoint.loading import _cast_float_params
+
+        _cast_float_params(model, dtype)  # float parameters only: QuantLinear keeps its buffers
+    model.to(device).eval()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.post_load()
+    model.qcore_record = _record(qc, prefixes)
+    return model
+
+
+def _record(qc: dict[str, Any], layers: list[str]) -> dict[str, Any]:
+    import qcore
+    from qcore.checkpoint.format import FORMAT
+
+    config = {"bits": int(qc["bits"]), "group_size": int(qc.get("group_size", -1)), "sym": bool(qc.get("sym", True)),
+              "desc_act": bool(qc.get("desc_act", False))}
+    tool = (qc.get("meta") or {}).get("quantizer") or qc.get("quantizer")
+    return {"format": FORMAT, "qcore_version": qcore.__version__,
+            "chain": [{"method": QUANT_METHOD, "config": config, "imported": QUANT_METHOD,
+                       "checkpoint_format": qc.get("checkpoint_format", V1), "quantizer": tool,
+                       "layers": len(layers)}]}
+
+
+
+# -- export ---------------------------------------------------------------------------------------
+KIND = "dir"
+MAX_SHARD_BYTES = 5 * 10**9
+QCORE_HINT = "qcore's own format (qcore.save) holds it"
+
+
+def check(model: nn.Module) -> list[str]:
+    """Why the GPTQ format cannot hold ``model`` (each reason names the format that can); empty
+    when it can."""
+    from collections import defaultdict
+
+    from qcore.formats import compressed_tensors as ct
+
+    if not hasattr(getattr(model, "config", None), "to_json_string"):
+        return [f"{type(model).__name__} has no Hugging Face config; the GPTQ format needs a transformers model"]
+    layers = ct.quantized_layers(model)
+    if not layers:
+        return ["the model has no quantized linear layers (QuantLinear): quantize it with qcore.quantize first"]
+    found: dict[str, list[str]] = defaultdict(list)
+    for name, layer in layers.items():
+        for reason in layer_problems(layer):
+            found[reason].append(name)
+    settings = {(layer.bits, layer.group_size) for layer in layers.values()}
+    if len(settings) > 1:
+        found[f"per-layer mixed bits or group sizes ({', '.join(f'{b}-bit g{g}' for b, g in sorted(settings))}): "
+              "a GPTQ checkpoint has one bits/group_size; compressed-tensors holds mixed symmetric schemes, "
+              f"{QCORE_HINT}"] = sorted(layers)
+    for name, reason in ct.other_modules(model, layers) + ct.shape_problems(model, layers):
+        found[reason].append(name)
+    return [f"{reason} ({ct._shown(names)})" for reason, names in found.items()]
+
+
+def layer_problems(layer: Any) -> list[str]:
+    """What of one ``QuantLinear`` the GPTQ format cannot hold."""
+    from qcore.formats import compressed_tensors as ct
+
+    problems: list[str] = []
+    if layer.bits not in PACKABLE_BITS:
+        problems.append(f"{layer.bits}-bit weights: qcore writes GPTQ packing for "
+                        f"{', '.join(map(str, PACKABLE_BITS))} bits only (3-bit GPTQ codes span 32-bit words); "
+                        f"{QCORE_HINT}")
+    elif not ct._integer_zeros(layer):
+        problems.append(f"float or out-of-range zero points (e.g. HQQ): GPTQ stores integer zero points; {QCORE_HINT}")
+    else:
+        scales = layer.scales_zeros()[0].float()
+        if not torch.equal(scales.to(torch.float16).float(), scales):
+            problems.append(f"scales that float16 cannot hold exactly (GPTQ stores float16 scales); {QCORE_HINT}")
+    if layer.input_transform is not None:
+        problems.append(f"an online input transform ({type(layer.input_transform).__name__}, e.g. a QuaRot "
+                        f"rotation) that runs before the matmul; {QCORE_HINT}")
+    if layer.act is not None:
+        problems.append(f"activation quantization (A{layer.act.bits}): GPTQ is weight-only; {QCORE_HINT}")
+    return problems
+
+
+def pack_rows(codes: Tensor, bits: int) -> Tensor:
+    """Codes ``[r, c]`` -> int32 ``[r * bits / 32, c]``: consecutive rows in one word, first lowest."""
+    per = 32 // bits
+    vals = codes.to(torch.int64).reshape(-1, per, codes.shape[1])
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)[None, :, None]
+    return _to_int32((vals << shifts).sum(dim=1))
+
+
+def pack_cols(codes: Tensor, bits: int) -> Tensor:
+    """Codes ``[r, c]`` -> int32 ``[r, c * bits / 32]`` (``c`` padded with zeros to whole words)."""
+    per = 32 // bits
+    pad = (-codes.shape[1]) % per
+    codes = torch.nn.functional.pad(codes.to(torch.int64), (0, pad))
+    vals = codes.reshape(codes.shape[0], -1, per)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)[None, None, :]
+    return _to_int32((vals << shifts).sum(dim=2))
+
+
+def _to_int32(words: Tensor) -> Tensor:
+    """Unsigned 32-bit values in int64 -> the same bits as int32."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def layer_tensors(name: str, layer: Any, fmt: str) -> dict[str, Tensor]:
+    """The GPTQ tensors of ``layer`` (see the module docstring)."""
+    qw = layer.quantized_weight()
+    n_in = layer.in_features
+    gs = n_in if qw.group_size == -1 else qw.group_size
+    g_idx = qw.g_idx.to(torch.int32) if qw.g_idx is not None else (torch.arange(n_in, dtype=torch.int32) // gs)
+    zeros = qw.zeros.round().to(torch.int64).T  # [G, out]
+    out = {f"{name}.qweight": pack_rows(qw.codes.T.contiguous(), qw.bits),
+           f"{name}.qzeros": pack_cols(zeros - (1 if fmt == V1 else 0), qw.bits),
+           f"{name}.scales": qw.scales.T.contiguous().to(torch.float16),
+           f"{name}.g_idx": g_idx.contiguous()}
+    if layer.bias is not None:
+        out[f"{name}.bias"] = layer.bias.detach().to(torch.float16).cpu()
+    return out
+
+
+def write(model: nn.Module, target: Path, tokenizer: Any = None) -> None:
+    """Write ``model`` into the folder ``target`` as a GPTQ checkpoint (v1 unless a zero point is
+    0, which v1's stored ``zero - 1`` cannot hold: then v2)."""
+    import json
+
+    import qcore
+    from qcore.checkpoint.atomic import write_json
+    from qcore.checkpoint.format import CONFIG_FILE
+    from qcore.checkpoint.saving import dedupe_tied
+    from qcore.checkpoint.streaming import TensorSpec, write_shards
+    from qcore.formats import ExportError
+    from qcore.formats import compressed_tensors as ct
+
+    reasons = check(model)
+    if reasons:
+        raise ExportError("format 'gptq' cannot hold this model: " + "; ".join(reasons))
+    layers = ct.quantized_layers(model)
+    any_zero = any(bool((layer.scales_zeros()[1].float() == 0).any()) for layer in layers.values())
+    fmt = V2 if any_zero else V1
+    tensors: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        prefix = key.rpartition(".")[0]
+        if prefix in layers:
+            if f"{prefix}.qweight" not in tensors:
+                tensors.update(layer_tensors(prefix, layers[prefix], fmt))
+            continue
+        tensors[key] = value.detach().cpu()
+    tensors = dedupe_tied(tensors)[0]
+    write_shards([TensorSpec(n, t.dtype, tuple(t.shape), lambda t=t: t) for n, t in tensors.items()],
+                 Path(target), MAX_SHARD_BYTES)
+    first = next(iter(layers.values()))
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config["architectures"] = [type(model).__name__]
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD, "bits": first.bits, "group_size": first.group_size,
+        "sym": all(bool(layer.sym) for layer in layers.values()),
+        "desc_act": any(layer.g_idx is not None and not ct._contiguous(layer) for layer in layers.values()),
+        "checkpoint_format": fmt, "pack_dtype": "int32", "lm_head": False, "true_sequential": True,
+        "quantizer": [f"qcore:{qcore.__version__}"],
+    }
+    write_json(Path(target) / CONFIG_FILE, config, sort_keys=True)
+    ct._write_extras(model, Path(target), tokenizer)

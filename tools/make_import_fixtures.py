@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Write the test fixtures of other tools' checkpoints (tests/fixtures/), from a tiny random model.
+
+Run from the repository root with qcore's venv; each writer runs in its own venv (see
+bench/requirements-peers.txt), as the benches run peers:
+
+    .venv/bin/python tools/make_import_fixtures.py [--gptqmodel-python /work/peers/gptqmodel/bin/python]
+
+1. here (qcore's venv): the tiny llama of ``qcore.tiny`` (seed 0) with a character tokenizer, and
+   calibration / probe token ids, in a temporary folder;
+2. in GPTQModel's venv: ``GPTQModel.quantize`` (4-bit, group 32, asymmetric, act-order) in float16
+   on the CPU, ``model.save``, ``GPTQModel.load`` of the saved folder, then the writer's own results
+   from that model: its logits on the probe ids and the
+   weights of two layers as its forward applies them (on the identity; exact in float16, the
+   layers have no bias), saved beside the fixture as ``<fixture>.reference.safetensors``.
+
+The fixture folder keeps what a user's checkpoint holds (config, weights, tokenizer) and drops the
+writer's logs. Its size is printed; it must stay a few hundred KB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+GPTQ_FIXTURE = "gptqmodel-tiny-llama-w4g32"
+PROBE_LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
+KEEP_SUFFIXES = (".json", ".safetensors")
+DROP = ("quant_log.csv",)
+
+
+def writer_gptqmodel(cfg: dict) -> None:
+    """GPTQModel's side (its venv): quantize, save, and record its own logits and dequantization."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import gptqmodel
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from safetensors.torch import load_file, save_file
+
+    ids = load_file(cfg["ids"])
+    qc = QuantizeConfig(bits=4, group_size=32, sym=False, desc_act=True)
+    model = GPTQModel.load(cfg["float"], qc, device="cpu", dtype=torch.float16)
+    model.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in ids["calib"]], batch_size=1)
+    model.save(cfg["out"])
+    del model  # the writer's reading of its own file is the reference, as a user gets it
+    model = GPTQModel.load(cfg["out"], device="cpu", dtype=torch.float16)
+    modules = dict(model.model.named_modules())
+    with torch.no_grad():
+        ref = {"logits": model.model(ids["probe"]).logits.float().contiguous(), "probe": ids["probe"]}
+        for name in PROBE_LAYERS:  # the writer's own forward on the identity: its dequantized weight
+            eye = torch.eye(modules[name].in_features, dtype=torch.float16)
+            ref[f"{name}.weight"] = modules[name](eye).T.float().contiguous()
+    save_file(ref, cfg["reference"], metadata={"gptqmodel": gptqmodel.__version__})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--writer", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--gptqmodel-python", default="/work/peers/gptqmodel/bin/python")
+    args = ap.parse_args()
+    if args.writer:
+        {"gptqmodel": writer_gptqmodel}[args.writer](json.loads(args.config))
+        return
+
+    import torch
+    from safetensors.torch import save_file
+
+    from qcore.testing import char_tokenizer
+    from qcore.tiny import tiny_model
+
+    work = Path(tempfile.mkdtemp(prefix="qcore_fixtures_"))
+    tiny_model("llama", seed=0).save_pretrained(work / "float", safe_serialization=True)
+    char_tokenizer(work / "float")
+    gen = torch.Generator().manual_seed(0)
+    save_file({"calib": torch.randint(3, 128, (8, 64), generator=gen),
+               "probe": torch.randint(3, 128, (2, 16), generator=gen)}, str(work / "ids.safetensors"))
+    out = work / GPTQ_FIXTURE
+    FIXTURES.mkdir(parents=True, exist_ok=True)
+    cfg = {"float": str(work / "float"), "ids": str(work / "ids.safetensors"), "out": str(out),
+           "reference": str(FIXTURES / f"{GPTQ_FIXTURE}.reference.safetensors")}
+    subprocess.run([args.gptqmodel_python, __file__, "--writer", "gptqmodel", "--config", json.dumps(cfg)],
+                   check=True, env={**os.environ, "PYTHONPATH": ""})
+    target = FIXTURES / GPTQ_FIXTURE
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for f in out.iterdir():
+        if f.suffix in KEEP_SUFFIXES and f.name not in DROP:
+            shutil.copy2(f, target / f.name)
+    size = sum(f.stat().st_size for f in target.iterdir())
+    print(f"{target.relative_to(ROOT)}: {len(list(target.iterdir()))} files, {size / 1024:.0f} KB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
