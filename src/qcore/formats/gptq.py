@@ -12,7 +12,8 @@ Per quantized linear ``NAME`` (``out`` x ``in``, ``bits`` in 2/4/8, ``G`` groups
 so ``w[o, i] = scales[g_idx[i], o] * (code[i, o] - zero[g_idx[i], o])``. ``checkpoint_format``
 ``"gptq"`` (v1, AutoGPTQ's) stores each zero point minus one; ``"gptq_v2"`` stores it as is.
 ``quantization_config``: ``quant_method "gptq"``, ``bits``, ``group_size``, ``desc_act``, ``sym``,
-``checkpoint_format``. Imported layers become qcore ``QuantLinear`` modules (codes, float16
+``checkpoint_format``. qcore writes v1 for symmetric models and v2 otherwise
+(:func:`checkpoint_format`). Imported layers become qcore ``QuantLinear`` modules (codes, float16
 scales and zero points carried over exactly) and run on qcore's kernels; the record's chain says
 where they came from (``"imported": "gptq"``).
 """
@@ -235,9 +236,17 @@ def layer_tensors(name: str, layer: Any, fmt: str) -> dict[str, Tensor]:
     return out
 
 
+def checkpoint_format(layers: dict[str, Any]) -> str:
+    """v1 (AutoGPTQ's, read by every GPTQ loader) for symmetric layers; v2 when a layer is
+    asymmetric (readers trust asymmetric v1 only from writers known to store ``zero - 1``
+    correctly: GPTQModel refuses it from others) or a zero point is 0 (v1 cannot store -1)."""
+    asym = not all(bool(layer.sym) for layer in layers.values())
+    any_zero = any(bool((layer.scales_zeros()[1].float() == 0).any()) for layer in layers.values())
+    return V2 if asym or any_zero else V1
+
+
 def write(model: nn.Module, target: Path, tokenizer: Any = None) -> None:
-    """Write ``model`` into the folder ``target`` as a GPTQ checkpoint (v1 unless a zero point is
-    0, which v1's stored ``zero - 1`` cannot hold: then v2)."""
+    """Write ``model`` into the folder ``target`` as a GPTQ checkpoint (:func:`checkpoint_format`)."""
     import json
 
     import qcore
@@ -252,8 +261,7 @@ def write(model: nn.Module, target: Path, tokenizer: Any = None) -> None:
     if reasons:
         raise ExportError("format 'gptq' cannot hold this model: " + "; ".join(reasons))
     layers = ct.quantized_layers(model)
-    any_zero = any(bool((layer.scales_zeros()[1].float() == 0).any()) for layer in layers.values())
-    fmt = V2 if any_zero else V1
+    fmt = checkpoint_format(layers)
     tensors: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         prefix = key.rpartition(".")[0]
