@@ -8,7 +8,8 @@ bench/requirements-peers.txt), as the benches run peers:
 
 1. here (qcore's venv): the tiny llama of ``qcore.tiny`` (seed 0) with a character tokenizer, and
    calibration / probe token ids, in a temporary folder;
-2. in GPTQModel's venv: ``GPTQModel.quantize`` (4-bit, group 32, asymmetric, act-order) in float16
+2. in GPTQModel's venv: ``GPTQModel.quantize`` (GPTQ: 4-bit, group 32, asymmetric, act-order; AWQ:
+   4-bit, group 32, GEMM layout, on a variant with 4 KV heads) in float16
    on the CPU, ``model.save``, ``GPTQModel.load`` of the saved folder, then the writer's own results
    from that model: its logits on the probe ids and the
    weights of two layers as its forward applies them (on the identity; exact in float16, the
@@ -31,13 +32,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 GPTQ_FIXTURE = "gptqmodel-tiny-llama-w4g32"
+AWQ_FIXTURE = "gptqmodel-awq-tiny-llama-w4g32"
+AWQ_OVERRIDES = {"num_key_value_heads": 4}
+"""GPTQModel's AWQ search needs output widths that are multiples of 64 (k/v: 4 heads x 16)."""
 PROBE_LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
 KEEP_SUFFIXES = (".json", ".safetensors")
 DROP = ("quant_log.csv",)
 
 
 def writer_gptqmodel(cfg: dict) -> None:
-    """GPTQModel's side (its venv): quantize, save, and record its own logits and dequantization."""
+    """GPTQModel's side (its venv): quantize (GPTQ, or AWQ with ``cfg["awq"]``), save, and record
+    its own logits and dequantization from its reading of the saved folder."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import gptqmodel
     import torch
@@ -45,12 +50,22 @@ def writer_gptqmodel(cfg: dict) -> None:
     from safetensors.torch import load_file, save_file
 
     ids = load_file(cfg["ids"])
-    qc = QuantizeConfig(bits=4, group_size=32, sym=False, desc_act=True)
+    kwargs = {}
+    if cfg.get("awq"):
+        from gptqmodel.quantization.config import FORMAT, METHOD
+        from gptqmodel.utils.backend import BACKEND
+
+        qc = QuantizeConfig(bits=4, group_size=32, sym=False, quant_method=METHOD.AWQ, format=FORMAT.GEMM,
+                            offload_to_disk=False)
+        kwargs = {"backend": BACKEND.AWQ_TORCH}
+    else:
+        qc = QuantizeConfig(bits=4, group_size=32, sym=False, desc_act=True)
     model = GPTQModel.load(cfg["float"], qc, device="cpu", dtype=torch.float16)
-    model.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in ids["calib"]], batch_size=1)
+    model.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in ids["calib"]], batch_size=1,
+                   **kwargs)
     model.save(cfg["out"])
     del model  # the writer's reading of its own file is the reference, as a user gets it
-    model = GPTQModel.load(cfg["out"], device="cpu", dtype=torch.float16)
+    model = GPTQModel.load(cfg["out"], device="cpu", dtype=torch.float16, **kwargs)
     modules = dict(model.model.named_modules())
     with torch.no_grad():
         ref = {"logits": model.model(ids["probe"]).logits.float().contiguous(), "probe": ids["probe"]}
@@ -77,25 +92,27 @@ def main() -> None:
     from qcore.tiny import tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="qcore_fixtures_"))
-    tiny_model("llama", seed=0).save_pretrained(work / "float", safe_serialization=True)
-    char_tokenizer(work / "float")
     gen = torch.Generator().manual_seed(0)
     save_file({"calib": torch.randint(3, 128, (8, 64), generator=gen),
                "probe": torch.randint(3, 128, (2, 16), generator=gen)}, str(work / "ids.safetensors"))
-    out = work / GPTQ_FIXTURE
     FIXTURES.mkdir(parents=True, exist_ok=True)
-    cfg = {"float": str(work / "float"), "ids": str(work / "ids.safetensors"), "out": str(out),
-           "reference": str(FIXTURES / f"{GPTQ_FIXTURE}.reference.safetensors")}
-    subprocess.run([args.gptqmodel_python, __file__, "--writer", "gptqmodel", "--config", json.dumps(cfg)],
-                   check=True, env={**os.environ, "PYTHONPATH": ""})
-    target = FIXTURES / GPTQ_FIXTURE
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    for f in out.iterdir():
-        if f.suffix in KEEP_SUFFIXES and f.name not in DROP:
-            shutil.copy2(f, target / f.name)
-    size = sum(f.stat().st_size for f in target.iterdir())
-    print(f"{target.relative_to(ROOT)}: {len(list(target.iterdir()))} files, {size / 1024:.0f} KB", file=sys.stderr)
+    for name, overrides, awq in ((GPTQ_FIXTURE, {}, False), (AWQ_FIXTURE, AWQ_OVERRIDES, True)):
+        float_dir = work / f"float-{name}"
+        tiny_model("llama", seed=0, **overrides).save_pretrained(float_dir, safe_serialization=True)
+        char_tokenizer(float_dir)
+        out = work / name
+        cfg = {"float": str(float_dir), "ids": str(work / "ids.safetensors"), "out": str(out), "awq": awq,
+               "reference": str(FIXTURES / f"{name}.reference.safetensors")}
+        subprocess.run([args.gptqmodel_python, __file__, "--writer", "gptqmodel", "--config", json.dumps(cfg)],
+                       check=True, env={**os.environ, "PYTHONPATH": ""})
+        target = FIXTURES / name
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for f in out.iterdir():
+            if f.suffix in KEEP_SUFFIXES and f.name not in DROP:
+                shutil.copy2(f, target / f.name)
+        size = sum(f.stat().st_size for f in target.iterdir())
+        print(f"{target.relative_to(ROOT)}: {len(list(target.iterdir()))} files, {size / 1024:.0f} KB", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -103,9 +103,9 @@ def _describe_dir(root: Path) -> dict[str, Any]:
 
     root = checkpoint_dir(root)
     config = read_config(root)
-    from qcore.formats import gptq
+    from qcore.formats import importer_for
 
-    if gptq.is_gptq(config):  # another tool's checkpoint that qcore reads: described as loaded
+    if importer_for(config) is not None:  # another tool's checkpoint that qcore reads: described as loaded
         from qcore.checkpoint.loading import load
 
         return {**_describe_model(load(root)), "source": str(root)}

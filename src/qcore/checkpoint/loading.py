@@ -62,14 +62,13 @@ def load(path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype
 
 def _import_foreign(path: str | os.PathLike[str], device: str | torch.device,
                     dtype: torch.dtype | None) -> nn.Module | None:
-    """Another tool's checkpoint that qcore reads (GPTQ: :mod:`qcore.formats.gptq`), or None."""
+    """Another tool's checkpoint that qcore reads (:data:`qcore.formats.IMPORTERS`), or None."""
+    from qcore.formats import importer_for
+
     root = checkpoint_dir(path)
     config = read_config(root)
-    from qcore.formats import gptq
-
-    if gptq.is_gptq(config):
-        return gptq.load(root, config, device, dtype)
-    return None
+    fmt = importer_for(config)
+    return fmt.load(root, config, device, dtype) if fmt is not None else None
 
 
 @dataclass

@@ -22,10 +22,23 @@ from qcore.plugin.errors import QcoreError
 FORMATS: dict[str, str] = {
     "compressed-tensors": "qcore.formats.compressed_tensors",
     "gptq": "qcore.formats.gptq",
+    "awq": "qcore.formats.awq",
 }
 """Export format name -> the module that writes it (``compressed-tensors``: pack-quantized
 weight-only checkpoints that transformers and vLLM load; ``gptq``: the GPTQ layout of
-AutoGPTQ / GPTQModel, which ``qcore.load`` also reads)."""
+AutoGPTQ / GPTQModel; ``awq``: AutoAWQ's GEMM layout; ``qcore.load`` reads both)."""
+
+
+IMPORTERS: dict[str, str] = {"gptq": "gptq", "awq": "awq"}
+"""``quantization_config["quant_method"]`` of other tools' checkpoints that ``qcore.load`` reads ->
+the format (of :data:`FORMATS`) whose module has ``load(root, config, device, dtype)``."""
+
+
+def importer_for(config: dict[str, Any]) -> ModuleType | None:
+    """The format module that reads a checkpoint with this ``config.json`` dict, or None."""
+    qc = config.get("quantization_config")
+    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
+    return format_module(IMPORTERS[method]) if method in IMPORTERS else None
 
 
 class ExportError(QcoreError, ValueError):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qcore.formats.packed import to_int32
 from qcore.plugin.errors import CheckpointError
 
 QUANT_METHOD = "gptq"
@@ -85,116 +86,37 @@ def layer_weight(tensors: dict[str, Tensor], bits: int, group: int, sym: bool, v
 def load(root: Path, config: dict[str, Any], device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None) -> nn.Module:
     """A GPTQ checkpoint as a model with qcore ``QuantLinear`` layers (float16 scales, codes as stored)."""
-    from qcore.arch.surgery import prepare_model
-    from qcore.checkpoint.format import read_tensors, weight_files
-    from qcore.checkpoint.skeleton import build_empty
-    from qcore.quant.linear import QuantLinear
+    from qcore.formats.packed import imported_record, load_layers
 
     qc = config["quantization_config"]
     bits, group, sym, fmt = _settings(qc, root)
-    model = build_empty(config, root, dtype)
-    prepare_model(model)
-    state = read_tensors(root, weight_files(root), device)
-    prefixes = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
-    if not prefixes:
-        raise CheckpointError(f"{root}: quant_method is gptq but no tensor ends in .qweight: the checkpoint is "
-                              "incomplete or not GPTQ")
-    for name in prefixes:
-        parts = {s: state.pop(f"{name}.{s}") for s in SUFFIXES if f"{name}.{s}" in state}
-        bias = state.pop(f"{name}.bias", None)
-        try:
-            qw = layer_weight(parts, bits, group, sym, fmt == V1)
-        except KeyError as exc:
-            raise CheckpointError(f"{root}: layer {name} lacks {exc.args[0]}: the checkpoint is incomplete") from exc
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf,
-                QuantLinear.from_quantized(qw, bias.float() if bias is not None else None,
-                                           scale_dtype=torch.float16))
-    missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
-    if missing and getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if left:
-        raise CheckpointError(f"{root}: {len(left)} tensor(s) are not in the checkpoint, e.g. {', '.join(left[:3])}")
-    if dtype is not None:
-        from qcore.checkpoint.loading import _cast_float_params
-
-        _cast_float_params(model, dtype)  # float parameters only: QuantLinear keeps its buffers
-    model.to(device).eval()
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.post_load()
-    model.qcore_record = _record(qc, prefixes)
+    model = load_layers(root, config, device, dtype, lambda parts: layer_weight(parts, bits, group, sym, fmt == V1),
+                        SUFFIXES)
+    settings = {"bits": bits, "group_size": group, "sym": sym, "desc_act": bool(qc.get("desc_act", False))}
+    model.qcore_record = imported_record(QUANT_METHOD, settings, qc, checkpoint_format=fmt)
     return model
-
-
-def _record(qc: dict[str, Any], layers: list[str]) -> dict[str, Any]:
-    import qcore
-    from qcore.checkpoint.format import FORMAT
-
-    config = {"bits": int(qc["bits"]), "group_size": int(qc.get("group_size", -1)), "sym": bool(qc.get("sym", True)),
-              "desc_act": bool(qc.get("desc_act", False))}
-    tool = (qc.get("meta") or {}).get("quantizer") or qc.get("quantizer")
-    return {"format": FORMAT, "qcore_version": qcore.__version__,
-            "chain": [{"method": QUANT_METHOD, "config": config, "imported": QUANT_METHOD,
-                       "checkpoint_format": qc.get("checkpoint_format", V1), "quantizer": tool,
-                       "layers": len(layers)}]}
-
 
 
 # -- export ---------------------------------------------------------------------------------------
 KIND = "dir"
-MAX_SHARD_BYTES = 5 * 10**9
-QCORE_HINT = "qcore's own format (qcore.save) holds it"
 
 
 def check(model: nn.Module) -> list[str]:
     """Why the GPTQ format cannot hold ``model`` (each reason names the format that can); empty
     when it can."""
-    from collections import defaultdict
+    from qcore.formats import packed
 
-    from qcore.formats import compressed_tensors as ct
-
-    if not hasattr(getattr(model, "config", None), "to_json_string"):
-        return [f"{type(model).__name__} has no Hugging Face config; the GPTQ format needs a transformers model"]
-    layers = ct.quantized_layers(model)
-    if not layers:
-        return ["the model has no quantized linear layers (QuantLinear): quantize it with qcore.quantize first"]
-    found: dict[str, list[str]] = defaultdict(list)
-    for name, layer in layers.items():
-        for reason in layer_problems(layer):
-            found[reason].append(name)
-    settings = {(layer.bits, layer.group_size) for layer in layers.values()}
-    if len(settings) > 1:
-        found[f"per-layer mixed bits or group sizes ({', '.join(f'{b}-bit g{g}' for b, g in sorted(settings))}): "
-              "a GPTQ checkpoint has one bits/group_size; compressed-tensors holds mixed symmetric schemes, "
-              f"{QCORE_HINT}"] = sorted(layers)
-    for name, reason in ct.other_modules(model, layers) + ct.shape_problems(model, layers):
-        found[reason].append(name)
-    return [f"{reason} ({ct._shown(names)})" for reason, names in found.items()]
+    return packed.check(model, "GPTQ", layer_problems)
 
 
 def layer_problems(layer: Any) -> list[str]:
-    """What of one ``QuantLinear`` the GPTQ format cannot hold."""
-    from qcore.formats import compressed_tensors as ct
+    """What of one ``QuantLinear`` only the GPTQ format's width rule refuses."""
+    from qcore.formats.packed import QCORE_HINT
 
-    problems: list[str] = []
     if layer.bits not in PACKABLE_BITS:
-        problems.append(f"{layer.bits}-bit weights: qcore writes GPTQ packing for "
-                        f"{', '.join(map(str, PACKABLE_BITS))} bits only (3-bit GPTQ codes span 32-bit words); "
-                        f"{QCORE_HINT}")
-    elif not ct._integer_zeros(layer):
-        problems.append(f"float or out-of-range zero points (e.g. HQQ): GPTQ stores integer zero points; {QCORE_HINT}")
-    else:
-        scales = layer.scales_zeros()[0].float()
-        if not torch.equal(scales.to(torch.float16).float(), scales):
-            problems.append(f"scales that float16 cannot hold exactly (GPTQ stores float16 scales); {QCORE_HINT}")
-    if layer.input_transform is not None:
-        problems.append(f"an online input transform ({type(layer.input_transform).__name__}, e.g. a QuaRot "
-                        f"rotation) that runs before the matmul; {QCORE_HINT}")
-    if layer.act is not None:
-        problems.append(f"activation quantization (A{layer.act.bits}): GPTQ is weight-only; {QCORE_HINT}")
-    return problems
+        return [f"{layer.bits}-bit weights: qcore writes GPTQ packing for {', '.join(map(str, PACKABLE_BITS))} "
+                f"bits only (3-bit GPTQ codes span 32-bit words); {QCORE_HINT}"]
+    return []
 
 
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
@@ -202,7 +124,7 @@ def pack_rows(codes: Tensor, bits: int) -> Tensor:
     per = 32 // bits
     vals = codes.to(torch.int64).reshape(-1, per, codes.shape[1])
     shifts = torch.arange(0, 32, bits, dtype=torch.int64)[None, :, None]
-    return _to_int32((vals << shifts).sum(dim=1))
+    return to_int32((vals << shifts).sum(dim=1))
 
 
 def pack_cols(codes: Tensor, bits: int) -> Tensor:
@@ -212,12 +134,7 @@ def pack_cols(codes: Tensor, bits: int) -> Tensor:
     codes = torch.nn.functional.pad(codes.to(torch.int64), (0, pad))
     vals = codes.reshape(codes.shape[0], -1, per)
     shifts = torch.arange(0, 32, bits, dtype=torch.int64)[None, None, :]
-    return _to_int32((vals << shifts).sum(dim=2))
-
-
-def _to_int32(words: Tensor) -> Tensor:
-    """Unsigned 32-bit values in int64 -> the same bits as int32."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return to_int32((vals << shifts).sum(dim=2))
 
 
 def layer_tensors(name: str, layer: Any, fmt: str) -> dict[str, Tensor]:
@@ -247,41 +164,22 @@ def checkpoint_format(layers: dict[str, Any]) -> str:
 
 def write(model: nn.Module, target: Path, tokenizer: Any = None) -> None:
     """Write ``model`` into the folder ``target`` as a GPTQ checkpoint (:func:`checkpoint_format`)."""
-    import json
-
     import qcore
-    from qcore.checkpoint.atomic import write_json
-    from qcore.checkpoint.format import CONFIG_FILE
-    from qcore.checkpoint.saving import dedupe_tied
-    from qcore.checkpoint.streaming import TensorSpec, write_shards
     from qcore.formats import ExportError
     from qcore.formats import compressed_tensors as ct
+    from qcore.formats.packed import write_checkpoint
 
     reasons = check(model)
     if reasons:
         raise ExportError("format 'gptq' cannot hold this model: " + "; ".join(reasons))
     layers = ct.quantized_layers(model)
     fmt = checkpoint_format(layers)
-    tensors: dict[str, Tensor] = {}
-    for key, value in model.state_dict().items():
-        prefix = key.rpartition(".")[0]
-        if prefix in layers:
-            if f"{prefix}.qweight" not in tensors:
-                tensors.update(layer_tensors(prefix, layers[prefix], fmt))
-            continue
-        tensors[key] = value.detach().cpu()
-    tensors = dedupe_tied(tensors)[0]
-    write_shards([TensorSpec(n, t.dtype, tuple(t.shape), lambda t=t: t) for n, t in tensors.items()],
-                 Path(target), MAX_SHARD_BYTES)
     first = next(iter(layers.values()))
-    config = json.loads(model.config.to_json_string(use_diff=False))
-    config["architectures"] = [type(model).__name__]
-    config["quantization_config"] = {
+    qconfig = {
         "quant_method": QUANT_METHOD, "bits": first.bits, "group_size": first.group_size,
         "sym": all(bool(layer.sym) for layer in layers.values()),
         "desc_act": any(layer.g_idx is not None and not ct._contiguous(layer) for layer in layers.values()),
         "checkpoint_format": fmt, "pack_dtype": "int32", "lm_head": False, "true_sequential": True,
         "quantizer": [f"qcore:{qcore.__version__}"],
     }
-    write_json(Path(target) / CONFIG_FILE, config, sort_keys=True)
-    ct._write_extras(model, Path(target), tokenizer)
+    write_checkpoint(model, Path(target), tokenizer, lambda n, layer: layer_tensors(n, layer, fmt), qconfig)
