@@ -15,6 +15,9 @@ bench/requirements-peers.txt), as the benches run peers:
    weights of two layers as its forward applies them (on the identity; exact in float16, the
    layers have no bias), saved beside the fixture as ``<fixture>.reference.safetensors``.
 
+3. in llm-compressor's venv: ``GPTQModifier`` (4-bit, group 32, asymmetric), saved compressed
+   (pack-quantized), and compressed-tensors' own decompression of it as the reference.
+
 The fixture folder keeps what a user's checkpoint holds (config, weights, tokenizer) and drops the
 writer's logs. Its size is printed; it must stay a few hundred KB.
 """
@@ -33,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 GPTQ_FIXTURE = "gptqmodel-tiny-llama-w4g32"
 AWQ_FIXTURE = "gptqmodel-awq-tiny-llama-w4g32"
+CT_FIXTURE = "llmcompressor-tiny-llama-w4g32"
 AWQ_OVERRIDES = {"num_key_value_heads": 4}
 """GPTQModel's AWQ search needs output widths that are multiples of 64 (k/v: 4 heads x 16)."""
 PROBE_LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj")
@@ -75,14 +79,46 @@ def writer_gptqmodel(cfg: dict) -> None:
     save_file(ref, cfg["reference"], metadata={"gptqmodel": gptqmodel.__version__})
 
 
+def writer_llmcompressor(cfg: dict) -> None:
+    """llm-compressor's side (its venv): GPTQModifier (4-bit, group 32, asymmetric), saved
+    compressed (pack-quantized); the reference is compressed-tensors' own decompression of the
+    saved folder (transformers with ``run_compressed=False``): its logits and two layers' weights."""
+    import llmcompressor
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    ids = load_file(cfg["ids"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["float"], dtype=torch.float32)
+    calib = Dataset.from_dict({"input_ids": ids["calib"].tolist(), "attention_mask": torch.ones_like(ids["calib"]).tolist()})
+    weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}
+    oneshot(model=model, dataset=calib, recipe=GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}},
+                                                            ignore=["lm_head"]),
+            num_calibration_samples=int(ids["calib"].shape[0]), max_seq_length=int(ids["calib"].shape[1]), batch_size=1)
+    model.save_pretrained(cfg["out"], save_compressed=True)
+    ref_model = AutoModelForCausalLM.from_pretrained(cfg["out"], dtype=torch.float32,
+                                                     quantization_config=CompressedTensorsConfig(run_compressed=False))
+    modules = dict(ref_model.named_modules())
+    with torch.no_grad():
+        ref = {"logits": ref_model(ids["probe"]).logits.float().contiguous(), "probe": ids["probe"]}
+        for name in PROBE_LAYERS:
+            ref[f"{name}.weight"] = modules[name].weight.float().contiguous()
+    save_file(ref, cfg["reference"], metadata={"llmcompressor": llmcompressor.__version__})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--writer", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--gptqmodel-python", default="/work/peers/gptqmodel/bin/python")
+    ap.add_argument("--llmcompressor-python", default="/work/peers/llmc/bin/python")
     args = ap.parse_args()
     if args.writer:
-        {"gptqmodel": writer_gptqmodel}[args.writer](json.loads(args.config))
+        {"gptqmodel": writer_gptqmodel, "llmcompressor": writer_llmcompressor}[args.writer](json.loads(args.config))
         return
 
     import torch
@@ -96,14 +132,17 @@ def main() -> None:
     save_file({"calib": torch.randint(3, 128, (8, 64), generator=gen),
                "probe": torch.randint(3, 128, (2, 16), generator=gen)}, str(work / "ids.safetensors"))
     FIXTURES.mkdir(parents=True, exist_ok=True)
-    for name, overrides, awq in ((GPTQ_FIXTURE, {}, False), (AWQ_FIXTURE, AWQ_OVERRIDES, True)):
+    writers = ((GPTQ_FIXTURE, {}, False, "gptqmodel"), (AWQ_FIXTURE, AWQ_OVERRIDES, True, "gptqmodel"),
+               (CT_FIXTURE, {}, False, "llmcompressor"))
+    for name, overrides, awq, writer in writers:
         float_dir = work / f"float-{name}"
         tiny_model("llama", seed=0, **overrides).save_pretrained(float_dir, safe_serialization=True)
         char_tokenizer(float_dir)
         out = work / name
         cfg = {"float": str(float_dir), "ids": str(work / "ids.safetensors"), "out": str(out), "awq": awq,
                "reference": str(FIXTURES / f"{name}.reference.safetensors")}
-        subprocess.run([args.gptqmodel_python, __file__, "--writer", "gptqmodel", "--config", json.dumps(cfg)],
+        python = args.gptqmodel_python if writer == "gptqmodel" else args.llmcompressor_python
+        subprocess.run([python, __file__, "--writer", writer, "--config", json.dumps(cfg)],
                        check=True, env={**os.environ, "PYTHONPATH": ""})
         target = FIXTURES / name
         shutil.rmtree(target, ignore_errors=True)

@@ -29,7 +29,7 @@ weight-only checkpoints that transformers and vLLM load; ``gptq``: the GPTQ layo
 AutoGPTQ / GPTQModel; ``awq``: AutoAWQ's GEMM layout; ``qcore.load`` reads both)."""
 
 
-IMPORTERS: dict[str, str] = {"gptq": "gptq", "awq": "awq"}
+IMPORTERS: dict[str, str] = {"gptq": "gptq", "awq": "awq", "compressed-tensors": "compressed-tensors"}
 """``quantization_config["quant_method"]`` of other tools' checkpoints that ``qcore.load`` reads ->
 the format (of :data:`FORMATS`) whose module has ``load(root, config, device, dtype)``."""
 

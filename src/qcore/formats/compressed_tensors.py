@@ -346,3 +346,73 @@ def _write_extras(model: nn.Module, target: Path, tokenizer: Any) -> None:
         gen.save_pretrained(target)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(target))
+
+
+# -- import ---------------------------------------------------------------------------------------
+IMPORT_SUFFIXES: tuple[str, ...] = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def _import_schemes(qc: dict[str, Any], root: Path) -> list[tuple[list[str], dict[str, Any]]]:
+    """``(targets, weights)`` of each config group, refusing what qcore does not read."""
+    from qcore.plugin.errors import CheckpointError
+
+    if qc.get("format") != PACK_FORMAT or qc.get("quantization_status", STATUS) != STATUS:
+        raise CheckpointError(f"{root}: compressed-tensors format {qc.get('format')!r} (status "
+                              f"{qc.get('quantization_status')!r}) is not read; qcore reads {PACK_FORMAT!r} "
+                              f"({STATUS}): load it with transformers and the compressed-tensors package")
+    schemes = []
+    for name, group in (qc.get("config_groups") or {}).items():
+        w = group.get("weights") or {}
+        if group.get("input_activations") or w.get("type", "int") != "int" or int(w.get("num_bits", 0)) not in (4, 8):
+            raise CheckpointError(f"{root}: config group {name} ({w.get('num_bits')}-bit {w.get('type')} weights"
+                                  f"{', quantized activations' if group.get('input_activations') else ''}) is not "
+                                  "read; qcore reads 4/8-bit integer weight-only pack-quantized groups")
+        schemes.append((list(group.get("targets") or []), w))
+    if not schemes:
+        raise CheckpointError(f"{root}: compressed-tensors quantization_config has no config_groups")
+    return schemes
+
+
+def _scheme_for(name: str, schemes: list[tuple[list[str], dict[str, Any]]]) -> dict[str, Any]:
+    """The weights scheme of layer ``name``: a target naming it (exactly or ``re:``), else ``Linear``."""
+    import re
+
+    for targets, weights in schemes:
+        if any(t == name or (t.startswith("re:") and re.fullmatch(t[3:], name)) for t in targets):
+            return weights
+    return next(w for targets, w in schemes if LINEAR_TARGET in targets)
+
+
+def import_weight(parts: dict[str, Tensor], weights: dict[str, Any]) -> Any:
+    """A :class:`~qcore.quant.primitives.QuantizedWeight` from one layer's pack-quantized tensors."""
+    from qcore.formats.gptq import unpack_cols
+    from qcore.quant.primitives import QuantizedWeight
+
+    bits = int(weights["num_bits"])
+    out_f, in_f = (int(v) for v in parts["weight_shape"].tolist())
+    codes = unpack_cols(parts["weight_packed"], bits)[:, :in_f]
+    scales = parts["weight_scale"].float().reshape(out_f, -1)
+    if "weight_zero_point" in parts and not weights.get("symmetric", True):
+        zeros = unpack_cols(parts["weight_zero_point"].t().contiguous(), bits)[:, :out_f].t().float()
+    else:
+        zeros = torch.full_like(scales, 2 ** (bits - 1))
+    group = int(weights.get("group_size") or -1) if weights.get("strategy") == "group" else -1
+    return QuantizedWeight(codes.to(torch.uint8), scales.contiguous(), zeros.contiguous(), bits, group,
+                           bool(weights.get("symmetric", True)))
+
+
+def load(root: Path, config: dict[str, Any], device: str | torch.device = "cpu",
+         dtype: torch.dtype | None = None) -> nn.Module:
+    """A compressed-tensors pack-quantized checkpoint (llm-compressor's) as a model with qcore
+    ``QuantLinear`` layers: codes and scales as stored (scales kept in their dtype)."""
+    from qcore.formats.packed import imported_record, load_layers
+
+    qc = config["quantization_config"]
+    schemes = _import_schemes(qc, root)
+    model = load_layers(root, config, device, dtype, None, IMPORT_SUFFIXES, packed_key="weight_packed",
+                        make_named=lambda name, parts: import_weight(parts, _scheme_for(name, schemes)))
+    first = schemes[0][1]
+    settings = {"bits": int(first["num_bits"]), "group_size": int(first.get("group_size") or -1),
+                "sym": bool(first.get("symmetric", True))}
+    model.qcore_record = imported_record(QUANT_METHOD, settings, qc, version=qc.get("version"))
+    return model

@@ -30,10 +30,13 @@ def to_int32(words: Tensor) -> Tensor:
 
 # -- import ---------------------------------------------------------------------------------------
 def load_layers(root: Path, config: dict[str, Any], device: str | torch.device, dtype: torch.dtype | None,
-                make_weight: Callable[[dict[str, Tensor]], Any], suffixes: tuple[str, ...]) -> nn.Module:
-    """The model of ``config.json`` with every layer holding ``NAME.qweight`` rebuilt as a
-    ``QuantLinear`` (``make_weight`` turns its ``suffixes`` tensors into a QuantizedWeight; float16
-    scales kept exactly) and every other tensor loaded as stored."""
+                make_weight: Callable[[dict[str, Tensor]], Any] | None, suffixes: tuple[str, ...], *,
+                packed_key: str = "qweight",
+                make_named: Callable[[str, dict[str, Tensor]], Any] | None = None) -> nn.Module:
+    """The model of ``config.json`` with every layer holding ``NAME.<packed_key>`` rebuilt as a
+    ``QuantLinear`` (``make_weight(parts)``, or ``make_named(name, parts)``, turns its ``suffixes``
+    tensors into a QuantizedWeight; scales kept exactly in the stored dtype) and every other
+    tensor loaded as stored."""
     from qcore.arch.surgery import prepare_model
     from qcore.checkpoint.format import read_tensors, weight_files
     from qcore.checkpoint.loading import _cast_float_params
@@ -44,20 +47,22 @@ def load_layers(root: Path, config: dict[str, Any], device: str | torch.device, 
     model = build_empty(config, root, dtype)
     prepare_model(model)
     state = read_tensors(root, weight_files(root), device)
-    prefixes = sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight"))
+    suffix = f".{packed_key}"
+    prefixes = sorted(k[: -len(suffix)] for k in state if k.endswith(suffix))
     if not prefixes:
-        raise CheckpointError(f"{root}: quant_method is {method} but no tensor ends in .qweight: the checkpoint "
+        raise CheckpointError(f"{root}: quant_method is {method} but no tensor ends in {suffix}: the checkpoint "
                               f"is incomplete or not {method}")
     for name in prefixes:
         parts = {s: state.pop(f"{name}.{s}") for s in suffixes if f"{name}.{s}" in state}
         bias = state.pop(f"{name}.bias", None)
         try:
-            qw = make_weight(parts)
+            qw = make_named(name, parts) if make_named is not None else make_weight(parts)  # type: ignore[misc]
         except KeyError as exc:
             raise CheckpointError(f"{root}: layer {name} lacks {exc.args[0]}: the checkpoint is incomplete") from exc
+        scale_dtype = parts.get("scales", parts.get("weight_scale")).dtype
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf,
-                QuantLinear.from_quantized(qw, bias.float() if bias is not None else None, scale_dtype=torch.float16))
+                QuantLinear.from_quantized(qw, bias.float() if bias is not None else None, scale_dtype=scale_dtype))
     missing = model.load_state_dict(state, strict=False, assign=True).missing_keys
     if missing and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
