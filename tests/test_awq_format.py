@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import qcore
 from qcore.formats import ExportError, awq
 from qcore.quant.linear import QuantLinear
-from qcore.testing import tiny_calibration
+from qcore.testing import assert_same_tensors, tiny_calibration
 from qcore.tiny import tiny_inputs, tiny_model
 
 FIXTURE = Path(__file__).with_name("fixtures") / "gptqmodel-awq-tiny-llama-w4g32"
@@ -54,10 +54,7 @@ def test_the_interleaved_column_order_is_what_makes_it_match() -> None:
 
 def test_export_of_the_imported_checkpoint_is_the_writers_file(tmp_path: Path) -> None:
     out = qcore.export(qcore.load(FIXTURE), tmp_path / "re", format="awq")
-    theirs, ours = load_file(str(FIXTURE / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert set(theirs) == set(ours)
-    for key, t in theirs.items():
-        assert ours[key].dtype == t.dtype and torch.equal(ours[key], t), key
+    assert_same_tensors(FIXTURE, out)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qc["quant_method"], qc["version"], qc["bits"], qc["group_size"]) == ("awq", "gemm", 4, 32)
 

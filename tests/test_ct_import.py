@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import qcore
 from qcore.plugin.errors import CheckpointError
 from qcore.quant.linear import QuantLinear
+from qcore.testing import assert_same_tensors
 
 FIXTURE = Path(__file__).with_name("fixtures") / "llmcompressor-tiny-llama-w4g32"
 REFERENCE = FIXTURE.with_name(FIXTURE.name + ".reference.safetensors")
@@ -35,11 +36,7 @@ def test_llmcompressor_checkpoint_matches_compressed_tensors_decompression() -> 
 
 
 def test_export_of_the_imported_checkpoint_is_the_writers_file(tmp_path: Path) -> None:
-    out = qcore.export(qcore.load(FIXTURE), tmp_path / "re", format="compressed-tensors")
-    theirs, ours = load_file(str(FIXTURE / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert set(theirs) == set(ours)
-    for key, t in theirs.items():
-        assert ours[key].dtype == t.dtype and torch.equal(ours[key], t), key
+    assert_same_tensors(FIXTURE, qcore.export(qcore.load(FIXTURE), tmp_path / "re", format="compressed-tensors"))
 
 
 def test_quantized_activations_are_refused(tmp_path: Path) -> None:

@@ -98,6 +98,19 @@ def private_imports(sources: list[Path]) -> list[str]:
             if not is_public_import(name)]
 
 
+def assert_same_tensors(theirs: Path, ours: Path, expect: Any = None) -> None:
+    """Both folders' ``model.safetensors`` hold the same names, dtypes and values;
+    ``expect(name, tensor)`` maps one of ``theirs`` to what ``ours`` must hold (a convention change)."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(Path(theirs) / "model.safetensors")), load_file(str(Path(ours) / "model.safetensors"))
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
+    for key, t in a.items():
+        want = expect(key, t) if expect is not None else t
+        assert b[key].dtype == t.dtype and torch.equal(b[key], want), key
+
+
 def relative_error(got: Any, ref: Any) -> float:
     """||got - ref|| / ||ref|| (Frobenius), in float64."""
     return float((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
