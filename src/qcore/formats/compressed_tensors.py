@@ -23,7 +23,14 @@ For every ``QuantLinear`` named ``NAME`` (``out`` x ``in``, ``bits`` 4 or 8, ``G
 * ``NAME.weight_shape`` int64 ``[2]``: ``(out, in)``;
 * ``NAME.bias`` (when the layer has one) in the model's float dtype.
 
-so ``w = (weight - zero_point) * scale`` in the signed domain is qcore's
+W8A8 (SmoothQuant's output: 8-bit per-channel symmetric weights, dynamic per-token symmetric int8
+activations) is written as ``int-quantized``: ``NAME.weight`` int8 ``[out, in]`` (qcore's codes -
+128), ``NAME.weight_scale`` ``[out, 1]``, and the config group's ``input_activations`` (8-bit,
+``strategy: token``, dynamic). Its activation grid differs by convention from qcore's
+(compressed-tensors divides each token's max by 127.5 and rounds into [-128, 127]; qcore by 127
+into [-127, 127]).
+
+For pack-quantized, ``w = (weight - zero_point) * scale`` in the signed domain is qcore's
 ``(codes - qzeros) * scales``. Every other tensor (embeddings, norms, ``lm_head``, any linear left
 in float) is written as the model holds it, in its own dtype (tied tensors once).
 
@@ -38,7 +45,8 @@ Refused (:func:`check`), each reason naming the format that holds it: bits other
 (vLLM's pack-quantized kernels run only those), float or out-of-range zero points (HQQ),
 per-layer mixed schemes that include an asymmetric one (transformers' asymmetric path applies one
 scheme to every layer), act-order with a permuted ``g_idx`` (compressed-tensors dropped act-order
-groups), online input transforms (QuaRot rotations, channel scales), activation quantization, any
+groups), online input transforms (QuaRot rotations, channel scales), activation quantization other
+than W8A8 (below), W8A8 layers mixed with weight-only ones, any
 other module type qcore saves (NF4, attention transforms...), and quantized layers that
 transformers does not build as an ``nn.Linear`` of the same shape (GPT-2's ``Conv1D``, fused MoE
 experts).
@@ -69,6 +77,8 @@ KIND = "dir"
 
 QUANT_METHOD = "compressed-tensors"
 PACK_FORMAT = "pack-quantized"
+INT_FORMAT = "int-quantized"
+"""W8A8: int8 weights stored unpacked (``weight``), activations quantized per token at run time."""
 STATUS = "compressed"
 FORMAT_VERSION = "0.20.1"
 """The compressed-tensors release whose layout is written (``quantization_config.version``)."""
@@ -96,10 +106,24 @@ class Scheme:
     group_size: int
     """Columns per group; -1 for one group per output channel."""
     symmetric: bool
+    act_bits: int = 0
+    """8 for W8A8 (dynamic per-token symmetric int8 activations, ``int-quantized``); 0 weight-only."""
 
     def __str__(self) -> str:
         group = "per-channel" if self.group_size == -1 else f"g{self.group_size}"
-        return f"{self.bits}-bit {group} {'symmetric' if self.symmetric else 'asymmetric'}"
+        acts = f" A{self.act_bits}" if self.act_bits else ""
+        return f"{self.bits}-bit {group} {'symmetric' if self.symmetric else 'asymmetric'}{acts}"
+
+    @property
+    def format(self) -> str:
+        return INT_FORMAT if self.act_bits else PACK_FORMAT
+
+    def input_activations(self) -> dict[str, Any] | None:
+        """compressed-tensors ``QuantizationArgs`` of the activations, as JSON (None: weight-only)."""
+        if not self.act_bits:
+            return None
+        return {"num_bits": self.act_bits, "type": "int", "symmetric": True, "group_size": None,
+                "strategy": "token", "dynamic": True, "actorder": None, "block_structure": None}
 
     def weights(self) -> dict[str, Any]:
         """compressed-tensors ``QuantizationArgs`` of this scheme, as JSON."""
@@ -152,10 +176,18 @@ def layer_problems(layer: QuantLinear) -> list[str]:
     if layer.input_transform is not None:
         problems.append(f"an online input transform ({type(layer.input_transform).__name__}, e.g. a "
                         f"QuaRot rotation) that runs before the matmul; {QCORE_HINT}")
-    if layer.act is not None:
-        problems.append(f"activation quantization (A{layer.act.bits}): pack-quantized is weight-only; "
-                        f"{QCORE_HINT}")
+    if layer.act is not None and not is_w8a8(layer):
+        problems.append(f"activation quantization other than W8A8 with dynamic per-token symmetric int8 "
+                        f"activations and per-channel symmetric int8 weights (A{layer.act.bits}); {QCORE_HINT}")
     return problems
+
+
+def is_w8a8(layer: QuantLinear) -> bool:
+    """Whether ``layer`` is SmoothQuant-style W8A8: int8 per-channel symmetric weights, dynamic
+    per-token symmetric int8 activations, unclipped (compressed-tensors ``int-quantized``)."""
+    act = layer.act
+    return (act is not None and act.bits == 8 and act.dynamic and act.sym and act.clip == 1.0
+            and layer.bits == 8 and layer.group_size == -1 and scheme_of(layer).symmetric)
 
 
 def mixed_problems(layers: dict[str, QuantLinear]) -> list[tuple[str, str]]:
@@ -164,6 +196,11 @@ def mixed_problems(layers: dict[str, QuantLinear]) -> list[tuple[str, str]]:
     (:data:`DEQUANTIZE_KEY`), and that path applies one config group's scheme to every layer."""
     schemes = {name: scheme_of(layer) for name, layer in layers.items() if layer.bits in SUPPORTED_BITS}
     kinds = Counter(schemes.values())
+    if len({s.format for s in kinds}) > 1:
+        main = kinds.most_common(1)[0][0]
+        reason = (f"W8A8 layers mixed with weight-only ones ({', '.join(map(str, sorted(kinds)))}): one export holds "
+                  f"one compressed-tensors format; {QCORE_HINT}")
+        return [(name, reason) for name, s in schemes.items() if s.format != main.format]
     if len(kinds) < 2 or all(s.symmetric for s in kinds):
         return []
     main = kinds.most_common(1)[0][0]
@@ -260,7 +297,7 @@ def scheme_of(layer: QuantLinear) -> Scheme:
     """The config-group scheme of ``layer``: symmetric when every zero point is the midpoint."""
     zeros = layer.scales_zeros()[1]
     symmetric = layer.sym and bool((zeros.float() == 2 ** (layer.bits - 1)).all())
-    return Scheme(layer.bits, layer.group_size, symmetric)
+    return Scheme(layer.bits, layer.group_size, symmetric, layer.act.bits if layer.act is not None else 0)
 
 
 def float_linears(model: nn.Module, layers: dict[str, QuantLinear]) -> list[str]:
@@ -277,10 +314,11 @@ def quantization_config(layers: dict[str, QuantLinear], ignore: list[str]) -> di
     groups: dict[str, dict[str, Any]] = {}
     for i, scheme in enumerate(schemes):
         targets = [LINEAR_TARGET] if len(schemes) == 1 else by_scheme[scheme]
-        groups[f"group_{i}"] = {"targets": targets, "weights": scheme.weights(), "input_activations": None,
-                                "output_activations": None, "format": PACK_FORMAT}
+        groups[f"group_{i}"] = {"targets": targets, "weights": scheme.weights(),
+                                "input_activations": scheme.input_activations(), "output_activations": None,
+                                "format": scheme.format}
     qc: dict[str, Any] = {
-        "quant_method": QUANT_METHOD, "format": PACK_FORMAT, "quantization_status": STATUS,
+        "quant_method": QUANT_METHOD, "format": schemes[0].format, "quantization_status": STATUS,
         "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
         "sparsity_config": {}, "transform_config": {}, "version": FORMAT_VERSION,
     }
@@ -310,6 +348,12 @@ def layer_tensors(name: str, layer: QuantLinear, state: dict[str, Tensor], dtype
     """The compressed-tensors tensors of the quantized layer ``name`` (see the module docstring)."""
     bits = layer.bits
     scheme = scheme_of(layer)
+    if scheme.format == INT_FORMAT:  # int8 weight as stored by compressed-tensors: codes - 128, unpacked
+        out = {f"{name}.weight": (layer.codes().to(torch.int16) - 2 ** (bits - 1)).to(torch.int8).contiguous().cpu(),
+               f"{name}.weight_scale": state[f"{name}.scales"].reshape(layer.out_features, 1).contiguous().cpu()}
+        if layer.bias is not None:
+            out[f"{name}.bias"] = state[f"{name}.bias"].detach().to(device="cpu", dtype=dtype)
+        return out
     codes_words = -(-layer.in_features * bits // 32)
     out = {
         f"{name}.weight_packed": state[f"{name}.qweight"][:, :codes_words].contiguous().cpu(),
