@@ -20,6 +20,7 @@ from qcore.plugin.errors import CheckpointError
 from qcore.quant.act import ActQuant
 from qcore.quant.linear import BACKEND_ENV, QuantLinear
 from qcore.quant.primitives import QuantizedWeight
+from qcore.testing import STORIES_DIR, TINYSTORIES_TXT, requires_shared
 from qcore.tiny import tiny_inputs, tiny_model
 
 FORMAT = "compressed-tensors"
@@ -233,3 +234,23 @@ def test_w8a8_mixed_with_weight_only_layers_is_refused() -> None:
     layer = model.model.layers[0].self_attn.q_proj
     layer.act = ActQuant(8, dynamic=True, sym=True)
     assert any("W8A8 layers mixed with weight-only" in r for r in check_export(model, FORMAT))
+
+
+@requires_shared
+@pytest.mark.parametrize("sym", [True, False])
+def test_real_model_perplexity_through_transformers_within_half_a_percent(tmp_path: Path, sym: bool) -> None:
+    """stories260K, 4-bit g32 (down_proj in float: 172 columns), exported and loaded by transformers
+    with compressed-tensors: perplexity on TinyStories within 0.5% of qcore's own evaluation."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from qcore.eval import perplexity
+    from qcore.models import load_model
+    model, tok = load_model(str(STORIES_DIR))
+    qcore.quantize(model, "rtn", bits=4, group_size=32, sym=sym, ignore=["*.mlp.down_proj"])
+    out = qcore.export(model, tmp_path / "ct", FORMAT)
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = perplexity(model, [TINYSTORIES_TXT.read_text()[:60_000]], tok, seq_len=256).ppl
+    theirs = perplexity(loaded, [TINYSTORIES_TXT.read_text()[:60_000]], tok, seq_len=256).ppl
+    print(f"sym={sym}: qcore {ours:.4f}, transformers {theirs:.4f}")
+    assert abs(theirs - ours) / ours < 0.005, (ours, theirs)
