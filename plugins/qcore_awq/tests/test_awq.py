@@ -308,6 +308,23 @@ def test_chain_with_gptq_hands_over_float_weights():
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 7
 
 
+@pytest.mark.parametrize("follower", ["adaround", "brecq"])
+def test_chain_with_a_reconstruction_method(follower):
+    """Any reconstruction method may follow AWQ (``kind:reconstruction``): it packs every linear
+    from AWQ's scaled float weights."""
+    import qcore
+    from qcore.quant.linear import QuantLinear
+
+    if follower not in qcore.list_methods():
+        pytest.skip(f"qcore-quant-{follower} is not installed")
+    model = _tiny("llama")
+    qcore.quantize(model, ["awq", follower], calibration=_calib(model), bits=3, group_size=32, n_grid=4,
+                   clip_grid=8)
+    assert [c["method"] for c in model.qcore_record["chain"][-2:]] == ["awq", follower]
+    assert all(b["deferred_to_later_method"] for b in model.qcore_record["chain"][-2]["record"]["blocks"])
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 7
+
+
 # -- quality on real weights -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stories_increase():
