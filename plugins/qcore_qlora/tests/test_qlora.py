@@ -290,7 +290,7 @@ def test_checkpoint_round_trip_is_bit_exact(family: str, targets: list[str] | No
     with torch.no_grad():
         ref = model(ids).logits
     path = qcore.save(model, tmp_path / "ck")
-    assert {p.suffix for p in path.iterdir() if p.is_file()} <= {".json", ".safetensors"}
+    assert {p.suffix for p in path.iterdir() if p.is_file()} <= {".json", ".safetensors", ".md"}  # no pickle; .md: the model card
     modules = json.loads((path / "config.json").read_text())["quantization_config"]["modules"]
     four_bit = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}  # bare or base_layer
     assert {n for n, e in modules.items() if e["type"] == "qlora.lora_linear4bit"} == set(_lora_modules(model))

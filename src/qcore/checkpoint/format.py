@@ -127,10 +127,16 @@ def quantization_config(config: dict[str, Any], root: Path) -> dict[str, Any]:
     if fmt != FORMAT:
         method = str(qc.get("quant_method", "?"))
         tool = _FOREIGN_HINTS.get(method.lower(), f"quant_method={method!r}")
+        from qcore.formats import IMPORTERS
+
+        if method.lower() in IMPORTERS:
+            raise CheckpointError(
+                f"{root} was quantized by another tool ({tool}); qcore.load imports it, but this path reads "
+                "qcore's own checkpoints only: convert it once with qcore.save(qcore.load(DIR), OUT)")
         raise CheckpointError(
             f"{root} was quantized by another tool ({tool}, format={fmt!r}), not by qcore; qcore loads "
-            "only its own checkpoints: load it with that tool or transformers, or quantize the float "
-            "model with qcore")
+            "only its own checkpoints and GPTQ, AWQ and compressed-tensors ones: load it with that tool "
+            "or transformers, or quantize the float model with qcore")
     version = qc.get("format_version")
     if not isinstance(version, int) or version < 1:
         raise CheckpointError(f"quantization_config in {root / CONFIG_FILE} has no valid format_version "

@@ -59,7 +59,14 @@ def layer_weight(tensors: dict[str, Tensor], group: int) -> Any:
     """A :class:`~qcore.quant.primitives.QuantizedWeight` from one layer's AWQ tensors."""
     from qcore.quant.primitives import QuantizedWeight
 
-    codes = unpack(tensors["qweight"])  # [in, out]
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    if not (qweight.dtype == qzeros.dtype == torch.int32 and scales.is_floating_point() and qweight.dim() == 2
+            and scales.dim() == 2 and scales.shape[1] == qweight.shape[1] * PER_WORD
+            and qzeros.shape == (scales.shape[0], qweight.shape[1])):
+        raise ValueError(f"qweight {tuple(qweight.shape)} {qweight.dtype}, qzeros {tuple(qzeros.shape)}, scales "
+                         f"{tuple(scales.shape)} are not the AWQ GEMM layout (int32 qweight [in, out/8], int32 "
+                         "qzeros [groups, out/8], float scales [groups, out])")
+    codes = unpack(qweight)  # [in, out]
     n_in, n_out = codes.shape
     zeros = unpack(tensors["qzeros"])[:, :n_out]  # [G, out]
     return QuantizedWeight(codes.T.contiguous().to(torch.uint8), tensors["scales"].T.float().contiguous(),

@@ -68,10 +68,28 @@ def _settings(qc: dict[str, Any], root: Path) -> tuple[int, int, bool, str]:
     return bits, group, bool(qc.get("sym", True)), fmt
 
 
+def check_layout(tensors: dict[str, Tensor], bits: int) -> None:
+    """KeyError for a missing tensor; LayoutError when the tensors are not in the GPTQ layout."""
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    n_out = qweight.shape[-1] if qweight.dim() == 2 else -1
+    ok = (qweight.dtype == qzeros.dtype == torch.int32 and scales.is_floating_point() and qweight.dim() == 2
+          and scales.dim() == 2 and scales.shape[1] == n_out and qzeros.shape[0] == scales.shape[0]
+          and qzeros.shape[1] * 32 // bits >= n_out)
+    if not ok:
+        raise LayoutError(f"qweight {tuple(qweight.shape)} {qweight.dtype}, qzeros {tuple(qzeros.shape)} {qzeros.dtype}, "
+                          f"scales {tuple(scales.shape)} {scales.dtype} are not the GPTQ layout (int32 qweight "
+                          f"[in*{bits}/32, out], int32 qzeros [groups, out*{bits}/32], float scales [groups, out])")
+
+
+class LayoutError(ValueError):
+    """A layer's tensors are not in the layout the checkpoint's quant_method names."""
+
+
 def layer_weight(tensors: dict[str, Tensor], bits: int, group: int, sym: bool, v1: bool) -> Any:
     """A :class:`~qcore.quant.primitives.QuantizedWeight` from one layer's GPTQ tensors."""
     from qcore.quant.primitives import QuantizedWeight
 
+    check_layout(tensors, bits)
     codes = unpack_rows(tensors["qweight"], bits)  # [in, out]
     n_in, n_out = codes.shape
     zeros = unpack_cols(tensors["qzeros"], bits)[:, :n_out] + (1 if v1 else 0)  # [G, out]

@@ -59,6 +59,9 @@ def load_layers(root: Path, config: dict[str, Any], device: str | torch.device, 
             qw = make_named(name, parts) if make_named is not None else make_weight(parts)  # type: ignore[misc]
         except KeyError as exc:
             raise CheckpointError(f"{root}: layer {name} lacks {exc.args[0]}: the checkpoint is incomplete") from exc
+        except ValueError as exc:  # the tensors are not in the layout quant_method names
+            raise CheckpointError(f"{root}: layer {name}: {exc}; config.json says quant_method {method!r} but the "
+                                  "weights were written by something else: re-export or re-save the checkpoint") from exc
         scale_dtype = parts.get("scales", parts.get("weight_scale")).dtype
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf,
