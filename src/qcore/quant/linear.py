@@ -107,6 +107,8 @@ class QuantLinear(nn.Module):
         self._cache: Any = None
         self._cache_key: tuple | None = None
         self._cache_backend: KernelBackend | None = None
+        self._selection: tuple[tuple, KernelBackend] | None = None
+        """The last backend choice and what it depended on (re-checking costs per call)."""
         self._released: set[str] = set()
         """Buffers replaced by placeholders while a kernel pack holds their content exactly."""
         self._home = torch.device("cpu")
@@ -227,6 +229,7 @@ class QuantLinear(nn.Module):
         self._cache = None
         self._cache_key = None
         self._cache_backend = None
+        self._selection = None
 
     def post_load(self) -> None:
         """Called by :func:`qcore.load` after buffers are assigned: drop stale run-time caches."""
@@ -259,6 +262,14 @@ class QuantLinear(nn.Module):
 
     def _select(self, device: torch.device) -> KernelBackend:
         name = os.environ.get(BACKEND_ENV, "") or self.backend
+        key = (name, device, repr(self.act), id(self.input_transform), tuple(backends()))
+        if self._selection is not None and self._selection[0] == key:
+            return self._selection[1]
+        backend = self._choose(name, device)
+        self._selection = (key, backend)
+        return backend
+
+    def _choose(self, name: str, device: torch.device) -> KernelBackend:
         if name != "auto":
             backend = get_backend(name)
             reason = backend.why_not(self, device)
