@@ -227,6 +227,8 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     seed = {"rotation_seed": args.rotation_seed}
     add("float", "float", base)
+    if args.only_peers:  # qcore's rows are deterministic: the peers beside an earlier table's run
+        return rows + peers(args, base, tok, calib, rows[0]["ppl"])
     for rotate in (False, True):
         model, sec, rot = run("quarot", w_bits=4, group_size=-1, rotate=rotate, **seed)
         add("W4A16 RTN per channel", "rotated" if rotate else "no rotation", model, sec, rot)
@@ -432,6 +434,8 @@ def main() -> None:
     ap.add_argument("--peers", nargs="*", default=[], choices=PEERS,
                     help="llm-compressor peers run in their own venv (--peer-python)")
     ap.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON)
+    ap.add_argument("--only-peers", action="store_true",
+                    help="float and the peers only (qcore's rows of the same command are deterministic)")
     ap.add_argument("--peer-transform", default="random-hadamard", choices=("hadamard", "random-hadamard", "random-matrix"),
                     help="the peers' transform_type: 'hadamard' refuses sizes that are not powers of two; "
                     "'random-matrix' followed by quantization gave broken models on stories260K")
