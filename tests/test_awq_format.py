@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import qcore
 from qcore.formats import ExportError, awq
 from qcore.quant.linear import QuantLinear
-from qcore.testing import assert_same_tensors, tiny_calibration
+from qcore.testing import assert_same_tensors, max_relative_error, tiny_calibration
 from qcore.tiny import tiny_inputs, tiny_model
 
 FIXTURE = Path(__file__).with_name("fixtures") / "gptqmodel-awq-tiny-llama-w4g32"
@@ -22,19 +22,15 @@ WRITER_RTOL = 1e-2
 """Largest difference to the writer's own float16 results, relative to their largest magnitude."""
 
 
-def rel_max(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
-
-
 def test_awq_checkpoint_matches_the_writers_results() -> None:
     ref = load_file(str(REFERENCE))
     model = qcore.load(FIXTURE)
     packed = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert len(packed) == 14 and all(m.bits == 4 and m.group_size == 32 for m in packed.values())
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-        assert rel_max(packed[name].dequantize_weight(), ref[f"{name}.weight"]) < WRITER_RTOL
+        assert max_relative_error(packed[name].dequantize_weight(), ref[f"{name}.weight"]) < WRITER_RTOL
     with torch.no_grad():
-        assert rel_max(model(ref["probe"]).logits, ref["logits"]) < WRITER_RTOL
+        assert max_relative_error(model(ref["probe"]).logits, ref["logits"]) < WRITER_RTOL
     assert model.qcore_record["chain"][0]["imported"] == "awq"
 
 
@@ -49,7 +45,7 @@ def test_the_interleaved_column_order_is_what_makes_it_match() -> None:
 
     codes, zeros = unpack_cols(parts["qweight"], 4), unpack_cols(parts["qzeros"], 4)
     plain = (parts["scales"].float().repeat_interleave(32, 0) * (codes - zeros.repeat_interleave(32, 0))).T
-    assert rel_max(right, ref[f"{name}.weight"]) < WRITER_RTOL < rel_max(plain, ref[f"{name}.weight"])
+    assert max_relative_error(right, ref[f"{name}.weight"]) < WRITER_RTOL < max_relative_error(plain, ref[f"{name}.weight"])
 
 
 def test_export_of_the_imported_checkpoint_is_the_writers_file(tmp_path: Path) -> None:

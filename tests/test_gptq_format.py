@@ -16,7 +16,7 @@ from qcore.formats import gptq
 from qcore.plugin.errors import CheckpointError
 from qcore.quant.linear import QuantLinear
 from qcore.quant.primitives import QuantizedWeight
-from qcore.testing import assert_same_tensors, tiny_calibration
+from qcore.testing import assert_same_tensors, max_relative_error, tiny_calibration
 from qcore.tiny import tiny_inputs, tiny_model
 
 FIXTURE = Path(__file__).with_name("fixtures") / "gptqmodel-tiny-llama-w4g32"
@@ -26,10 +26,6 @@ WRITER_RTOL = 1e-2
 (the writer computes scale * code - scale * zero in float16; qcore dequantizes exactly)."""
 
 
-def rel_max(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
-
-
 def test_gptqmodel_checkpoint_matches_the_writers_results() -> None:
     ref = load_file(str(REFERENCE))
     model = qcore.load(FIXTURE)
@@ -37,10 +33,10 @@ def test_gptqmodel_checkpoint_matches_the_writers_results() -> None:
     assert len(packed) == 14 and all(m.bits == 4 and m.group_size == 32 for m in packed.values())
     assert any(m.g_idx is not None for m in packed.values())  # act-order groups carried over
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-        assert rel_max(packed[name].dequantize_weight(), ref[f"{name}.weight"]) < WRITER_RTOL
+        assert max_relative_error(packed[name].dequantize_weight(), ref[f"{name}.weight"]) < WRITER_RTOL
     with torch.no_grad():
-        assert rel_max(model(ref["probe"]).logits, ref["logits"]) < WRITER_RTOL
-        assert rel_max(qcore.load(FIXTURE, dtype=torch.float32)(ref["probe"]).logits, ref["logits"]) < WRITER_RTOL
+        assert max_relative_error(model(ref["probe"]).logits, ref["logits"]) < WRITER_RTOL
+        assert max_relative_error(qcore.load(FIXTURE, dtype=torch.float32)(ref["probe"]).logits, ref["logits"]) < WRITER_RTOL
     assert model.qcore_record["chain"][0]["imported"] == "gptq"
 
 
@@ -52,7 +48,7 @@ def test_the_v1_zero_convention_is_what_makes_it_match() -> None:
     parts = {s: state[f"{name}.{s}"] for s in gptq.SUFFIXES}
     right = gptq.layer_weight(parts, 4, 32, False, v1=True).dequantize()
     wrong = gptq.layer_weight(parts, 4, 32, False, v1=False).dequantize()
-    assert rel_max(right, ref[f"{name}.weight"]) < WRITER_RTOL < rel_max(wrong, ref[f"{name}.weight"])
+    assert max_relative_error(right, ref[f"{name}.weight"]) < WRITER_RTOL < max_relative_error(wrong, ref[f"{name}.weight"])
 
 
 def test_export_of_the_imported_checkpoint_is_the_writers_file(tmp_path: Path) -> None:

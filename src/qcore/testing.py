@@ -111,6 +111,11 @@ def assert_same_tensors(theirs: Path, ours: Path, expect: Any = None) -> None:
         assert b[key].dtype == t.dtype and torch.equal(b[key], want), key
 
 
+def max_relative_error(got: Any, ref: Any) -> float:
+    """max|got - ref| / max|ref|, in float32 (a reader against a writer's own results)."""
+    return float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
 def relative_error(got: Any, ref: Any) -> float:
     """||got - ref|| / ||ref|| (Frobenius), in float64."""
     return float((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))

@@ -84,7 +84,7 @@ def load(root: Path, config: dict[str, Any], device: str | torch.device = "cpu",
         raise CheckpointError(f"{root}: AWQ {qc.get('bits')}-bit version {version!r} is not read (qcore reads "
                               f"{BITS}-bit {VERSION!r}, the GEMM layout): load it with AutoAWQ or GPTQModel")
     group = int(qc.get("group_size", -1))
-    model = load_layers(root, config, device, dtype, lambda parts: layer_weight(parts, group),
+    model = load_layers(root, config, device, dtype, lambda _, parts: layer_weight(parts, group),
                         ("qweight", "qzeros", "scales"))
     settings = {"bits": BITS, "group_size": group, "zero_point": bool(qc.get("zero_point", True))}
     model.qcore_record = imported_record(QUANT_METHOD, settings, qc, version=VERSION)

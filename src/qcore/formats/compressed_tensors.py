@@ -453,8 +453,8 @@ def load(root: Path, config: dict[str, Any], device: str | torch.device = "cpu",
 
     qc = config["quantization_config"]
     schemes = _import_schemes(qc, root)
-    model = load_layers(root, config, device, dtype, None, IMPORT_SUFFIXES, packed_key="weight_packed",
-                        make_named=lambda name, parts: import_weight(parts, _scheme_for(name, schemes)))
+    model = load_layers(root, config, device, dtype, lambda name, parts: import_weight(parts, _scheme_for(name, schemes)),
+                        IMPORT_SUFFIXES, packed_key="weight_packed", scale_key="weight_scale")
     first = schemes[0][1]
     settings = {"bits": int(first["num_bits"]), "group_size": int(first.get("group_size") or -1),
                 "sym": bool(first.get("symmetric", True))}

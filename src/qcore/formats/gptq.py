@@ -108,7 +108,7 @@ def load(root: Path, config: dict[str, Any], device: str | torch.device = "cpu",
 
     qc = config["quantization_config"]
     bits, group, sym, fmt = _settings(qc, root)
-    model = load_layers(root, config, device, dtype, lambda parts: layer_weight(parts, bits, group, sym, fmt == V1),
+    model = load_layers(root, config, device, dtype, lambda _, parts: layer_weight(parts, bits, group, sym, fmt == V1),
                         SUFFIXES)
     settings = {"bits": bits, "group_size": group, "sym": sym, "desc_act": bool(qc.get("desc_act", False))}
     model.qcore_record = imported_record(QUANT_METHOD, settings, qc, checkpoint_format=fmt)
@@ -146,13 +146,11 @@ def pack_rows(codes: Tensor, bits: int) -> Tensor:
 
 
 def pack_cols(codes: Tensor, bits: int) -> Tensor:
-    """Codes ``[r, c]`` -> int32 ``[r, c * bits / 32]`` (``c`` padded with zeros to whole words)."""
-    per = 32 // bits
-    pad = (-codes.shape[1]) % per
-    codes = torch.nn.functional.pad(codes.to(torch.int64), (0, pad))
-    vals = codes.reshape(codes.shape[0], -1, per)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)[None, None, :]
-    return to_int32((vals << shifts).sum(dim=2))
+    """Codes ``[r, c]`` -> int32 ``[r, c * bits / 32]`` (``c`` padded with zeros to whole words):
+    compressed-tensors' packing along rows, qcore's own words."""
+    from qcore.formats.compressed_tensors import pack_rows as pack_along_rows
+
+    return pack_along_rows(codes, bits)
 
 
 def layer_tensors(name: str, layer: Any, fmt: str) -> dict[str, Tensor]:

@@ -30,12 +30,11 @@ def to_int32(words: Tensor) -> Tensor:
 
 # -- import ---------------------------------------------------------------------------------------
 def load_layers(root: Path, config: dict[str, Any], device: str | torch.device, dtype: torch.dtype | None,
-                make_weight: Callable[[dict[str, Tensor]], Any] | None, suffixes: tuple[str, ...], *,
-                packed_key: str = "qweight",
-                make_named: Callable[[str, dict[str, Tensor]], Any] | None = None) -> nn.Module:
+                make_weight: Callable[[str, dict[str, Tensor]], Any], suffixes: tuple[str, ...], *,
+                packed_key: str = "qweight", scale_key: str = "scales") -> nn.Module:
     """The model of ``config.json`` with every layer holding ``NAME.<packed_key>`` rebuilt as a
-    ``QuantLinear`` (``make_weight(parts)``, or ``make_named(name, parts)``, turns its ``suffixes``
-    tensors into a QuantizedWeight; scales kept exactly in the stored dtype) and every other
+    ``QuantLinear`` (``make_weight(NAME, parts)`` turns its ``suffixes`` tensors into a
+    QuantizedWeight; scales kept exactly in the dtype of ``NAME.<scale_key>``) and every other
     tensor loaded as stored."""
     from qcore.arch.surgery import prepare_model
     from qcore.checkpoint.format import read_tensors, weight_files
@@ -56,13 +55,13 @@ def load_layers(root: Path, config: dict[str, Any], device: str | torch.device, 
         parts = {s: state.pop(f"{name}.{s}") for s in suffixes if f"{name}.{s}" in state}
         bias = state.pop(f"{name}.bias", None)
         try:
-            qw = make_named(name, parts) if make_named is not None else make_weight(parts)  # type: ignore[misc]
+            qw = make_weight(name, parts)
         except KeyError as exc:
             raise CheckpointError(f"{root}: layer {name} lacks {exc.args[0]}: the checkpoint is incomplete") from exc
         except ValueError as exc:  # the tensors are not in the layout quant_method names
             raise CheckpointError(f"{root}: layer {name}: {exc}; config.json says quant_method {method!r} but the "
                                   "weights were written by something else: re-export or re-save the checkpoint") from exc
-        scale_dtype = parts.get("scales", parts.get("weight_scale")).dtype
+        scale_dtype = parts[scale_key].dtype
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf,
                 QuantLinear.from_quantized(qw, bias.float() if bias is not None else None, scale_dtype=scale_dtype))
