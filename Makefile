@@ -32,5 +32,14 @@ demo: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmark dashboard (bench/dashboard.py): SUITE=quick (stories260K, every method and peer, ~10 min),
+# smollm2 (SmolLM2-135M at 2/3/4 bits, hours) or speed (kernels and decoding). The peers' virtual
+# environments are created under PEERS (bench/requirements-peers.txt) and reused; results land in
+# bench/out/<date>-<cpu>/<suite>/. BENCH_ARGS=--update-docs writes a complete run into docs/results.md.
+SUITE ?= quick
+PEERS ?= $(CURDIR)/.peers
+bench: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) bench/dashboard.py --suite $(SUITE) --peers-dir $(PEERS) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) out .pytest_cache

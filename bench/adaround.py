@@ -54,8 +54,20 @@ def _peer_eval() -> Any:
     return SimpleNamespace(**run_path(str(Path(__file__).with_name("peer_eval.py"))))
 
 
+def _on_grid(w: Any, bits: int, group_size: int) -> bool:
+    """Whether every group of ``group_size`` weights along the input holds at most 2**bits values."""
+    if group_size <= 0 or w.shape[1] % group_size:
+        rows = w.reshape(w.shape[0], -1)
+    else:
+        rows = w.reshape(-1, group_size)
+    s = rows.float().sort(dim=1).values
+    distinct = 1 + (s[:, 1:] != s[:, :-1]).sum(dim=1)
+    return bool(distinct.max() <= 2 ** bits)
+
+
 def run_peer(cfg: dict) -> dict:
     """Quantize with AutoRound, evaluate float and quantized in this process."""
+    import auto_round
     import torch
     from auto_round import AutoRound
     from safetensors.torch import load_file
@@ -68,7 +80,6 @@ def run_peer(cfg: dict) -> dict:
     tok = AutoTokenizer.from_pretrained(cfg["model_dir"])
     pe = _peer_eval()
     float_ppl = pe.window_perplexity(model, win)
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
     batches = [calib[i:i + cfg["batch_size"]] for i in range(0, len(calib), cfg["batch_size"])]
     layer_config = {name: {"bits": 16} for name in cfg["float_layers"]}
     start = time.perf_counter()
@@ -78,11 +89,12 @@ def run_peer(cfg: dict) -> dict:
     out = ar.quantize()
     seconds = time.perf_counter() - start
     qmodel = out[0] if isinstance(out, tuple) else ar.model
-    after = dict(qmodel.named_parameters())
-    unchanged = sorted(n[: -len(".weight")] for n, w in before.items()
-                       if n.endswith(".weight") and n in after and torch.equal(after[n], w))
+    # a linear AutoRound left float has more distinct values in some group than the bit width allows
+    # (comparing with the float weights does not tell: AutoRound may round every weight's dtype)
+    unchanged = sorted(n for n, m in qmodel.named_modules() if isinstance(m, torch.nn.Linear)
+                       and not _on_grid(m.weight.detach(), cfg["bits"], cfg["group_size"]))
     return {"float_ppl": float_ppl, "ppl": pe.window_perplexity(qmodel, win), "seconds": seconds,
-            "unchanged": unchanged}
+            "unchanged": unchanged, "version": getattr(auto_round, "__version__", "?"), "dtype": "float32"}
 
 
 # ================================================================================================

@@ -64,7 +64,8 @@ def _peer_gptqmodel(cfg: dict, ids: Any, win: Any, pe: Any) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     qc = QuantizeConfig(bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"],
-                        quant_method=METHOD.AWQ, format=FORMAT.GEMM, offload_to_disk=False)
+                        quant_method=METHOD.AWQ, format=FORMAT.GEMM, offload_to_disk=False,
+                        dynamic=pe.gptqmodel_dynamic(cfg))
     dtype = getattr(torch, cfg["gptqmodel_dtype"])
     float_ppl = pe.window_perplexity(AutoModelForCausalLM.from_pretrained(cfg["float_dir"], dtype=dtype), win)
     model = GPTQModel.load(cfg["float_dir"], qc, device="cpu", dtype=dtype)
@@ -97,7 +98,7 @@ def _peer_llmc(cfg: dict, ids: Any, win: Any, pe: Any) -> dict[str, Any]:
     weights = {"num_bits": cfg["bits"], "type": "int", "symmetric": cfg["sym"], "strategy": "group",
                "group_size": cfg["group_size"]}
     recipe = AWQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-                         ignore=["lm_head"])
+                         ignore=pe.llmc_ignore(cfg))
     start = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=int(ids.shape[0]),
             max_seq_length=int(ids.shape[1]), batch_size=1)

@@ -58,7 +58,7 @@ def _run_gptqmodel(cfg: dict, ids: Any, win: Any, pe: Any) -> dict[str, Any]:
     qc = QuantizeConfig(
         bits=cfg["bits"], group_size=cfg["group_size"], sym=cfg["sym"], desc_act=cfg["desc_act"],
         static_groups=cfg["static_groups"], act_group_aware=False, damp_percent=cfg["damp_percent"],
-        true_sequential=True, offload_to_disk=False, mse=0.0,
+        true_sequential=True, offload_to_disk=False, mse=0.0, dynamic=pe.gptqmodel_dynamic(cfg),
     )
     # GPTQModel 7.6.0's float32 CPU kernel (TorchFusedLinear) computes wrong outputs, also on the
     # checkpoints GPTQModel writes itself; its half-precision one (TorchAtenLinear) is right
@@ -97,7 +97,7 @@ def _run_llmc(cfg: dict, ids: Any, win: Any, pe: Any) -> dict[str, Any]:
         weights["actorder"] = "static" if cfg["static_groups"] else "group"
     recipe = GPTQModifier(
         config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-        ignore=["lm_head"], dampening_frac=cfg["damp_percent"], block_size=128,
+        ignore=pe.llmc_ignore(cfg), dampening_frac=cfg["damp_percent"], block_size=128,
     )
     start = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=int(ids.shape[0]),

@@ -46,6 +46,21 @@ def _peer_eval() -> Any:
     return SimpleNamespace(**run_path(str(Path(__file__).with_name("peer_eval.py"))))
 
 
+def _hqq_tags(model: Any, qc: dict, ignore: list[str]) -> dict:
+    """hqq's per-tag config: every block linear's tag (``self_attn.q_proj``...) except those whose
+    modules the bench keeps float (hqq leaves a tag it is not given unquantized)."""
+    import re
+
+    import torch
+
+    if not ignore:
+        return qc
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    tags = {".".join(n.split(".")[-2:]) for n in names}
+    skipped = {".".join(n.split(".")[-2:]) for n in names if any(re.match(r, n) for r in ignore)}
+    return {t: qc for t in sorted(tags - skipped)}
+
+
 def peer_main(cfg: dict) -> None:
     """Quantize with hqq; evaluate the float model, then the whole quantized one, here."""
     import torch
@@ -64,7 +79,8 @@ def peer_main(cfg: dict) -> None:
     float_ppl = pe.window_perplexity(model, win)
     qc = BaseQuantizeConfig(nbits=cfg["bits"], group_size=cfg["group_size"], axis=1)
     start = time.perf_counter()
-    AutoHQQHFModel.quantize_model(model, quant_config=qc, compute_dtype=torch.float32, device="cpu")
+    AutoHQQHFModel.quantize_model(model, quant_config=_hqq_tags(model, qc, pe.ignore_regexes(cfg)),
+                                  compute_dtype=torch.float32, device="cpu")
     seconds = time.perf_counter() - start
     n_linears = sum(isinstance(m, HQQLinear) for m in model.modules())
     info = {"seconds": seconds, "version": getattr(hqq, "__version__", "?"), "n_linears": n_linears,

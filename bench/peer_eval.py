@@ -62,3 +62,20 @@ def float_check(peer_float: float, qcore_float: float, rtol: float = FLOAT_MATCH
     note = f"its float {peer_float:.4f}" + ("" if ok else f" != qcore's {qcore_float:.4f}: void")
     return ok, note
 
+
+
+def ignore_regexes(cfg: dict[str, Any]) -> list[str]:
+    """The module-name regexes a bench config keeps float (``cfg["ignore"]``: qcore's globs)."""
+    import fnmatch
+
+    return [fnmatch.translate(g) for g in cfg.get("ignore", [])]
+
+
+def llmc_ignore(cfg: dict[str, Any]) -> list[str]:
+    """llm-compressor's ``ignore=``: the LM head and the config's ignored modules."""
+    return ["lm_head", *(f"re:{r}" for r in ignore_regexes(cfg))]
+
+
+def gptqmodel_dynamic(cfg: dict[str, Any]) -> dict[str, dict] | None:
+    """GPTQModel's ``dynamic=`` skipping the config's ignored modules (``-:regex``), or None."""
+    return {f"-:{r}": {} for r in ignore_regexes(cfg)} or None

@@ -80,7 +80,7 @@ def peer_main(cfg: dict) -> None:
         "input_activations": {"num_bits": cfg["a_bits"], "type": "int", "symmetric": True,
                               "strategy": "token", "dynamic": True},
     }
-    recipe = [QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]
+    recipe = [QuantizationModifier(config_groups={"group_0": scheme}, ignore=pe.llmc_ignore(cfg))]
     if cfg["smooth"]:
         recipe.insert(0, SmoothQuantModifier(smoothing_strength=cfg["alpha"]))
     start = time.perf_counter()

@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the qcore checkpoint DIR to --format (checked first: what the "
                                    "format cannot hold is refused before anything is written).")
     s.add_argument("path", metavar="DIR", help="qcore checkpoint directory")
-    s.add_argument("--format", required=True, help="compressed-tensors (pack-quantized, 4/8-bit weight-only: "
-                   "transformers and vLLM load it)")
+    s.add_argument("--format", required=True,
+                   help="compressed-tensors (pack-quantized 4/8-bit weight-only, or W8A8: transformers and vLLM "
+                        "load it), gptq (GPTQModel/AutoGPTQ layout), awq (AutoAWQ GEMM layout) or gguf (one "
+                        "llama.cpp file: Q4_0/Q4_1/Q8_0, groups of 32/64/128)")
     s.add_argument("--out", required=True, help="output folder (or file, for gguf)")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     _json_arg(s)

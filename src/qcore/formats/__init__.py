@@ -23,10 +23,12 @@ FORMATS: dict[str, str] = {
     "compressed-tensors": "qcore.formats.compressed_tensors",
     "gptq": "qcore.formats.gptq",
     "awq": "qcore.formats.awq",
+    "gguf": "qcore.formats.gguf",
 }
 """Export format name -> the module that writes it (``compressed-tensors``: pack-quantized
 weight-only checkpoints that transformers and vLLM load; ``gptq``: the GPTQ layout of
-AutoGPTQ / GPTQModel; ``awq``: AutoAWQ's GEMM layout; ``qcore.load`` reads both)."""
+AutoGPTQ / GPTQModel; ``awq``: AutoAWQ's GEMM layout; ``qcore.load`` reads both; ``gguf``: one
+llama.cpp file, 4-bit codes as Q4_0 / Q4_1 and 8-bit symmetric ones as Q8_0, exactly)."""
 
 
 IMPORTERS: dict[str, str] = {"gptq": "gptq", "awq": "awq", "compressed-tensors": "compressed-tensors"}
