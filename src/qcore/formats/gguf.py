@@ -665,12 +665,17 @@ def write(model: nn.Module, target: Path, tokenizer: Any = None) -> None:
                        "it; pass tokenizer= (the CLI exports the checkpoint's own)")
         for kind, idx in config_special_ids(model.config).items():
             getattr(writer, f"add_{kind}_token_id")(idx)
+    write_file(writer)
+    logger.info("gguf: wrote %s (%s); float16 block scales change the dequantized weights by at most %.3g "
+                "of a layer's largest weight (%s)", target, ", ".join(f"{n} x {t}" for t, n in sorted(counts.items())),
+                worst, worst_layer or "no change")
+
+
+def write_file(writer: Any) -> None:
+    """Write a filled ``GGUFWriter``'s header, metadata and tensors to its file, and close it."""
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    logger.info("gguf: wrote %s (%s); float16 block scales change the dequantized weights by at most %.3g "
-                "of a layer's largest weight (%s)", target, ", ".join(f"{n} x {t}" for t, n in sorted(counts.items())),
-                worst, worst_layer or "no change")
