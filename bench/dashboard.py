@@ -470,7 +470,7 @@ def quality_suite(suite: Suite, args: argparse.Namespace) -> Path:
 
     cpu = cpu_name()
     date = _dt.date.today().isoformat()
-    folder = Path(args.out) / f"{date}-{cpu_slug(cpu)}" / suite.name
+    folder = Path(args.resume) if args.resume else Path(args.out) / f"{date}-{cpu_slug(cpu)}" / suite.name
     work = folder / "work"
     work.mkdir(parents=True, exist_ok=True)
     methods = sorted(m for m in qcore.list_methods() if args.methods is None or m in args.methods)
@@ -500,7 +500,10 @@ def quality_suite(suite: Suite, args: argparse.Namespace) -> Path:
         run.add(row)
         log.info("[%d/%d] %s: %s", i, len(jobs), job.key,
                  f"ppl {row['ppl']:.4f}" if row.get("ppl") is not None else row.get("error"))
-    run.header["complete"] = all(run.done(j.key) for j in jobs)
+    # complete: every installed method and every peer measured (a run narrowed by --methods,
+    # --peers or --no-peers is not a full run, whatever it holds)
+    narrowed = args.methods is not None or args.peers is not None or args.no_peers
+    run.header["complete"] = not narrowed and all(run.done(j.key) for j in jobs)
     run.header["load_average"] = [load_start, os.getloadavg()[0]]
     run.save()
     return folder
@@ -532,6 +535,8 @@ def main() -> None:
     ap.add_argument("--peers", nargs="*", default=None, help="only these peers (names or environments)")
     ap.add_argument("--methods", nargs="*", default=None, help="only these qcore methods")
     ap.add_argument("--fresh", action="store_true", help="ignore an earlier run's rows in the same folder")
+    ap.add_argument("--resume", default=None, metavar="FOLDER",
+                    help="continue the run in FOLDER (bench/out/<date>-<cpu>/<suite>; default: today's on this CPU)")
     ap.add_argument("--retry-failed", action="store_true", help="rerun the jobs an earlier run left with an error")
     ap.add_argument("--quick-speed", action="store_true", help="speed suite: fewer rounds and shapes")
     ap.add_argument("--update-docs", action="store_true",
@@ -542,6 +547,9 @@ def main() -> None:
         qcore_job_main(json.loads(args.job))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # the run logs one line per job; the libraries' bars (GGUF conversion, shard writing) stay quiet
+    os.environ.setdefault("QCORE_PROGRESS", "0")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     folder = speed_suite(args) if args.suite == SPEED_SUITE else quality_suite(SUITES[args.suite], args)
     report = run_path(str(HERE / "dashboard_report.py"))
     report["write_report"](folder)

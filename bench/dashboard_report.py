@@ -46,7 +46,7 @@ def quality_markdown(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              f" run wall time {header.get('wall_s', 0) / 60:.1f} min"
              + (f", load average {header['load_average'][0]:.1f} at start / {header['load_average'][1]:.1f} at end"
                 if header.get("load_average") else "")
-             + ("" if header.get("complete") else " (INCOMPLETE: some jobs have not run)") + ".",
+             + ("" if header.get("complete") else " (INCOMPLETE: narrowed to some methods or peers, or jobs left to run)") + ".",
              f"Command: `{header['command']}`. Versions: "
              + ", ".join(f"{k} {v}" for k, v in sorted(header["versions"].items())) + ".",
              "",
