@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import fnmatch
+import functools
 import json
 import logging
 import os
@@ -390,6 +391,12 @@ def _peer_result(peer: Peer, out: Path, tail: str) -> dict[str, Any]:
     return json.loads(last[-1])
 
 
+@functools.cache
+def _peer_eval() -> dict[str, Any]:
+    """bench/peer_eval.py's names (loaded once per run)."""
+    return run_path(str(HERE / "peer_eval.py"))
+
+
 def run_job(job: Job, suite: Suite, shared: dict[str, Any], work: Path, peers_dir: Path,
             envs: dict[str, Path | str]) -> dict[str, Any]:
     """Run one job in a child process; its row."""
@@ -428,7 +435,7 @@ def run_job(job: Job, suite: Suite, shared: dict[str, Any], work: Path, peers_di
         row.update(ppl=res["ppl"], quantize_s=res["seconds"], float_ppl=shared["float_ppl"])
         return row
     res = _peer_result(peer, out, tail)
-    pe = run_path(str(HERE / "peer_eval.py"))
+    pe = _peer_eval()
     dtype = res.get("dtype", "float32")
     ok, note = pe["float_check"](res["float_ppl"], shared["float_ppl"],
                                  pe["FLOAT_MATCH_RTOL"] if dtype == "float32" else HALF_FLOAT_RTOL)
