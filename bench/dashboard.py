@@ -34,6 +34,7 @@ import logging
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -202,11 +203,21 @@ def run_child(argv: list[str], env: dict[str, str], timeout: int, log_path: Path
     """Run ``argv``; (return code, its peak RSS in bytes, wall seconds, its output's tail)."""
     start = time.perf_counter()
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        timer = threading.Timer(timeout, proc.kill)
+        # its own process group: a timeout, Ctrl-C or SIGTERM of the dashboard ends the job and
+        # everything it started (a peer's workers included)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+        timer = threading.Timer(timeout, _kill_group, (proc.pid, signal.SIGKILL))
         timer.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            _kill_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc.pid, signal.SIGKILL)
+            raise
         finally:
             timer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -214,6 +225,23 @@ def run_child(argv: list[str], env: dict[str, str], timeout: int, log_path: Path
     if proc.returncode == -9 and time.perf_counter() - start >= timeout:
         tail += f"\ntimed out after {timeout} s"
     return proc.returncode, usage.ru_maxrss * 1024, time.perf_counter() - start, tail
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    """Send ``sig`` to the process group led by ``pid`` (gone already: nothing to do)."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the dashboard as Ctrl-C does (the running job is stopped, results.json keeps
+    every finished row; the same command resumes)."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def error_line(tail: str) -> str:
@@ -554,10 +582,16 @@ def main() -> None:
         qcore_job_main(json.loads(args.job))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    _stop_on_sigterm()
     # the run logs one line per job; the libraries' bars (GGUF conversion, shard writing) stay quiet
     os.environ.setdefault("QCORE_PROGRESS", "0")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    folder = speed_suite(args) if args.suite == SPEED_SUITE else quality_suite(SUITES[args.suite], args)
+    try:
+        folder = speed_suite(args) if args.suite == SPEED_SUITE else quality_suite(SUITES[args.suite], args)
+    except KeyboardInterrupt:
+        log.error("stopped: the running job was ended; finished rows are kept in results.json, and the "
+                  "same command resumes after them")
+        raise SystemExit(130) from None
     report = run_path(str(HERE / "dashboard_report.py"))
     report["write_report"](folder)
     print((folder / "results.md").read_text())

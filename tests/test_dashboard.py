@@ -90,6 +90,39 @@ def test_child_reports_its_own_peak_rss_and_a_timeout(dash: dict, tmp_path: Path
     assert rc != 0 and "timed out after 1 s" in tail
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_sigterm_ends_the_running_job_and_what_it_started(tmp_path: Path) -> None:
+    """Stopping the dashboard leaves no job behind: its child and the child's own children end."""
+    import signal
+    import subprocess
+    import time
+
+    pidfile = tmp_path / "grandchild.pid"
+    job = f"sleep 300 & echo $! > {pidfile}; wait"
+    script = (f"from runpy import run_path; d = run_path({str(BENCH / 'dashboard.py')!r}); d['_stop_on_sigterm']()\n"
+              f"d['run_child'](['bash', '-c', {job!r}], {{}}, 600, __import__('pathlib').Path({str(tmp_path / 'j.log')!r}))")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pidfile.is_file() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    grandchild = int(pidfile.read_text())
+    assert _alive(grandchild)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+
+
 def _rows() -> tuple[dict, list[dict]]:
     header = {"suite": "t", "setup": {"model": "m", "group_size": 64, "ignore": [], "calibration": "c4",
                                       "n_samples": 8, "seq_len": 512, "eval_tokens": 4096, "eval_text": "wikitext2",

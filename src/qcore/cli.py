@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from qcore.plugin.errors import ConfigError, QcoreError
+from qcore.progress import get_logger
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULTS = {"n_samples": 64, "seq_len": 512, "seed": 0, "eval_seq_len": 512, "eval_tokens": 16384}
 BROKEN_PIPE_EXIT = 141
 """Exit status when stdout is closed early (``qcore list | head -1``): 128 + SIGPIPE, as the shell
 reports a command that SIGPIPE ended."""
+
+log = get_logger("cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,6 +340,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     inputs = (args.model,) if Path(args.model).expanduser().exists() else ()
     checkpoint.check_target(args.out, args.overwrite, inputs)  # before the slow work
     _check_options_early(args, options)
+    rank, size = _join_processes(args)
     if args.stream:
         return _quantize_streaming(args, options)
     if args.restart:
@@ -346,7 +350,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _require_tokenizer(args, options, tok)
     calib_source, eval_texts, eval_name = _sources(args)
     report: dict[str, Any] = {"model": args.model, "method": args.method, "options": options}
-    if args.eval:  # the model checks first: evaluating the float model is slow
+    evaluate = args.eval and rank == 0  # one process evaluates and writes
+    if evaluate:  # the model checks first: evaluating the float model is slow
         qcore.check(model, args.method if len(args.method) > 1 else args.method[0], **options).raise_if_failed()
         report["float"] = _perplexity(model, tok, eval_texts, args)
         report["float"]["sizes"] = _sizes(model)
@@ -355,9 +360,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                    tokenizer=tok, n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
                    device=args.device, **options)
     report["quantize_seconds"] = round(time.perf_counter() - start, 2)
+    if rank != 0:
+        log.info("process %d of %d: done (process 0 writes %s)", rank, size, args.out)
+        return 0
+    if size > 1:
+        report["processes"] = size
     out = checkpoint.save(model, args.out, tokenizer=tok, overwrite=args.overwrite)
     report["out"] = str(out)
-    if args.eval:
+    if evaluate:
         reloaded = checkpoint.load(out)
         report["quantized"] = _perplexity(reloaded, tok, eval_texts, args)
         report["quantized"]["sizes"] = _sizes(reloaded)
@@ -368,6 +378,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         text = f"saved {out} ({' + '.join(args.method)}, {report['quantize_seconds']} s)"
     emit(args.json, report, text)
     return 0
+
+
+def _join_processes(args: argparse.Namespace) -> tuple[int, int]:
+    """Under torchrun with several processes: join the process group (gloo on CPU, NCCL for
+    ``--device cuda``) so that they share the calibration windows; ``(rank, world size)``."""
+    from qcore.pipeline.distributed import init_from_env, launched_distributed
+
+    if not launched_distributed():
+        return 0, 1
+    if args.stream:
+        raise ConfigError("--stream keeps one state folder and cannot be shared by several processes; run it "
+                          "without torchrun, or drop --stream to load the model whole in every process")
+    return init_from_env(args.device)
 
 
 def _record_evaluation(out: Path, report: dict[str, Any]) -> None:

@@ -79,6 +79,51 @@ def test_slice_windows_takes_only_batched_tensors() -> None:
     assert torch.equal(k["cache_position"], torch.arange(4)) and k["flag"] is False
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_trained_activation_grid_is_the_one_that_runs(dynamic: bool, bits: int) -> None:
+    """What the reconstruction trains (``ActStep.fake_quant``) is what the saved ``ActQuant``
+    computes at run time, after the step was moved by training."""
+    from qcore_brecq.act import init_step
+
+    from qcore.quant.act import fake_quant_act
+
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 4, 48)
+    step = init_step(x, bits, dynamic)
+    with torch.no_grad():
+        step.param.add_(-0.3 if dynamic else 0.1)
+    torch.testing.assert_close(step.fake_quant(x), fake_quant_act(x, step.to_act()), rtol=0, atol=1e-6)
+
+
+def test_static_step_gets_the_lsq_gradient() -> None:
+    """d out / d s is round(x/s) - x/s inside the grid and +-m outside it (Esser et al., 2020)."""
+    from qcore_brecq.act import static_fake_quant
+
+    x = torch.tensor([0.26, -0.74, 0.05, 3.0, -5.0])
+    log_step = torch.tensor(math.log(0.1), requires_grad=True)
+    static_fake_quant(x, log_step, 4).sum().backward()
+    s = log_step.detach().exp()
+    v = x / s  # 2.6, -7.4 (outside: the clamp is applied before rounding), 0.5, 30, -50
+    per_element = torch.where(v.abs() <= 7, v.round() - v, 7 * v.sign())
+    assert float(per_element[1]) == -7.0
+    torch.testing.assert_close(log_step.grad, per_element.sum() * s, rtol=1e-5, atol=1e-6)
+
+
+def test_initial_grid_clips_an_outlier() -> None:
+    """The initial search clips when a few outliers would waste the grid (smaller error than the
+    full range), and keeps the full range on uniform data."""
+    from qcore_brecq.act import init_step
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=gen)
+    x[0, 0] = 60.0
+    clipped = init_step(x, 4, dynamic=False)
+    full = float(x.abs().max()) / 7
+    assert math.exp(float(clipped.param)) < 0.5 * full
+    uniform = torch.rand(512, 32, generator=gen) * 2 - 1
+    assert math.exp(float(init_step(uniform, 4, dynamic=False).param)) > 0.9 * float(uniform.abs().max()) / 7
+
+
 # -- the engine ------------------------------------------------------------------------------------
 
 class TestBrecqConformance(MethodConformance):
@@ -87,7 +132,7 @@ class TestBrecqConformance(MethodConformance):
     tiny_options = TINY
     unsupported: ClassVar[list[tuple[dict[str, Any], str]]] = [
         ({"bits": 7}, "bits"), ({"group_size": 48}, "group"),
-        ({"beta_start": 2.0, "beta_end": 20.0}, "beta_end"), ({"loss": "kl"}, "loss")]
+        ({"beta_start": 2.0, "beta_end": 20.0}, "beta_end"), ({"loss": "kl"}, "loss"), ({"a_bits": 5}, "a_bits")]
 
 
 def _record(model: torch.nn.Module) -> dict:
@@ -150,6 +195,28 @@ def test_packed_layers_hold_what_the_fake_quant_forward_used(learn_scales: bool,
         assert isinstance(lin, QuantLinear)
         assert torch.equal(lin.dequantize_weight().float(), w), name
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_activation_quantization_is_saved_and_reloaded_bit_exactly(dynamic: bool, tmp_path: Any) -> None:
+    """a_bits: every quantized linear runs its learned 4-bit activation grid; the checkpoint
+    reloads to the same logits; the block error stays below round-to-nearest's."""
+    import qcore
+    from qcore.tiny import tiny_model
+
+    model = tiny_model("llama")
+    calib = tiny_calibration(model.config.vocab_size, n_samples=8)
+    qcore.quantize(model, "brecq", calibration=calib, a_bits=4, a_dynamic=dynamic, **TINY)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.act is not None and m.act.bits == 4 and m.act.dynamic == dynamic for m in layers)
+    blocks = _record(model)["blocks"].values()
+    assert all(b["error_vs_rtn"] < 1.0 and len(b["activation_grids"]) == 7 for b in blocks)
+    x = calib.input_ids[:2]
+    with torch.no_grad():
+        ref = model(x).logits
+    qcore.save(model, tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(qcore.load(tmp_path / "ckpt")(x).logits, ref)
 
 
 def test_per_layer_precision_map_is_honoured() -> None:
@@ -275,3 +342,31 @@ def test_stories260k_3bit_g32_against_gptq() -> None:
     assert increase["brecq"] <= RATIO_BOUND * increase["gptq"], msg
     # the learned rounding lowers every block's output error below round-to-nearest's
     assert all(b["error_vs_rtn"] < 1.0 for b in records["brecq"]["blocks"].values()), records["brecq"]
+
+
+@pytest.mark.shared
+@requires_shared
+@pytest.mark.usefixtures("one_thread")
+def test_stories260k_w4a4_learned_steps_beat_the_searched_ones() -> None:
+    """W4A4 with static per-tensor activation steps (the protocol above, 4-bit g32): learning the
+    steps with the rounding lowers the perplexity increase below keeping the initial (error-
+    searched) steps."""
+    import qcore
+    from qcore.data import get_calibration
+    from qcore.eval import perplexity
+    from qcore.models import load_model
+    from qcore.testing import STORIES_DIR, TINYSTORIES_TXT
+
+    model, tok = load_model(STORIES_DIR)
+    base = perplexity(model, TINYSTORIES_TXT, tok, max_tokens=8192).ppl
+    text = TINYSTORIES_TXT.read_text(encoding="utf-8")
+    calib = get_calibration([text[len(text) // 2:]], tok, n_samples=32, seq_len=128, seed=0)
+    increase = {}
+    for learn in (True, False):
+        m, _ = load_model(STORIES_DIR)
+        qcore.quantize(m, "brecq", bits=4, group_size=32, ignore=STORIES_IGNORE, calibration=calib, a_bits=4,
+                       a_learn=learn)
+        increase[learn] = perplexity(m, TINYSTORIES_TXT, tok, max_tokens=8192).ppl - base
+    msg = f"float {base:.3f}; W4A4 increase: learned steps +{increase[True]:.3f}, searched steps +{increase[False]:.3f}"
+    print(msg)
+    assert 0 < increase[True] < increase[False], msg

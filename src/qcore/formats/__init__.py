@@ -24,11 +24,13 @@ FORMATS: dict[str, str] = {
     "gptq": "qcore.formats.gptq",
     "awq": "qcore.formats.awq",
     "gguf": "qcore.formats.gguf",
+    "onnx": "qcore.formats.onnx",
 }
 """Export format name -> the module that writes it (``compressed-tensors``: pack-quantized
 weight-only checkpoints that transformers and vLLM load; ``gptq``: the GPTQ layout of
 AutoGPTQ / GPTQModel; ``awq``: AutoAWQ's GEMM layout; ``qcore.load`` reads both; ``gguf``: one
-llama.cpp file, 4-bit codes as Q4_0 / Q4_1 and 8-bit symmetric ones as Q8_0, exactly)."""
+llama.cpp file, 4-bit codes as Q4_0 / Q4_1 and 8-bit symmetric ones as Q8_0, exactly; ``onnx``: an
+onnxruntime decoder graph with a KV cache, quantized linears as MatMulNBits holding qcore's codes)."""
 
 
 IMPORTERS: dict[str, str] = {"gptq": "gptq", "awq": "awq", "compressed-tensors": "compressed-tensors"}

@@ -24,6 +24,7 @@ SPEC = MethodSpec(
         kind="weight-only",
         weight_bits=(2, 3, 4, 8),
         needs_calibration=False,
+        distributed=True,
         group_sizes=(-1, 32, 64, 128),
     ),
 )

@@ -38,6 +38,7 @@ from qcore.pipeline.capture import (
     module_device,
     with_hidden,
 )
+from qcore.pipeline.distributed import ReduceOp, all_reduce, check_chain, combine_observer, shard, world
 from qcore.pipeline.observers import as_rows, observer_spec, weight_input
 from qcore.pipeline.validate import first_nonfinite, nonfinite_tensors
 from qcore.plugin.config import LayerPrecision, WeightQuantConfig
@@ -326,6 +327,8 @@ class BlockContext:
         finally:
             for h in handles:
                 h.remove()
+        for n, o in obs.items():
+            combine_observer(o, observer)
         results = {n: o.result() for n, o in obs.items()}
         for n, result in results.items():
             bad = first_nonfinite(result)
@@ -336,6 +339,9 @@ class BlockContext:
                     f"({bad[1]}{', at ' + bad[0] if bad[0] else ''}): its inputs on the calibration text "
                     f"overflow or are NaN{', first at the output of ' + where if where else ''}; {_ACTIVATION_FIX}")
         return results
+
+    def all_reduce(self, tensor: Tensor, op: ReduceOp = "sum") -> Tensor:
+        return all_reduce(tensor, op)
 
     def _grad_results(self, names: Sequence[str], observer: str) -> dict[str, Any]:
         out = {}
@@ -454,6 +460,10 @@ def run_chain(model: nn.Module, quantizers: Sequence[Quantizer], calibration: Ca
                 f"method(s) {', '.join(need) or 'of this chain'} need calibration data; pass calibration (see "
                 "qcore.data.get_calibration; no source uses the built-in default text)"
             )
+    check_chain([q.spec for q in chain], needs.gradients, stream is not None)
+    rank, size = world()
+    if calibration is not None and size > 1:
+        calibration = shard(calibration, rank, size)
     dev = torch.device(device) if device is not None else None
     was_training = model.training
     model.eval()

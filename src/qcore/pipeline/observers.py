@@ -18,7 +18,9 @@ The built-in ones (registered through ``qcore_register_observers`` by qcore's ow
 ==============  ======  ====================================================================
 
 An observer is built per linear as ``factory(linear, **options)`` and gets ``update(x, y)`` once
-per batch (see :class:`qcore.plugin.ObserverSpec` for what ``x`` and ``y`` are).
+per batch (see :class:`qcore.plugin.ObserverSpec` for what ``x`` and ``y`` are). When several
+processes share the calibration windows (:mod:`qcore.pipeline.distributed`), its ``all_reduce()``
+combines the processes' statistics before ``result()``; an observer without one is refused there.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qcore.pipeline.distributed import all_gather_rows, all_reduce, all_reduce_count
 from qcore.plugin.errors import ConfigError
 from qcore.plugin.spec import ObserverSpec
 
@@ -54,6 +57,10 @@ class Hessian:
         self.h.add_(x.t() @ x)
         self.n += x.shape[0]
 
+    def all_reduce(self) -> None:
+        all_reduce(self.h)
+        self.n = all_reduce_count(self.n)
+
     def result(self) -> dict[str, Any]:
         if self.n:
             self.h.mul_(2.0 / self.n)
@@ -68,6 +75,9 @@ class AbsMax:
         if x.shape[0]:
             torch.maximum(self.v, x.abs().amax(dim=0), out=self.v)
 
+    def all_reduce(self) -> None:
+        all_reduce(self.v, "max")
+
     def result(self) -> Tensor:
         return self.v
 
@@ -81,6 +91,10 @@ class AbsMean:
         self.v.add_(x.abs().sum(dim=0))
         self.n += x.shape[0]
 
+    def all_reduce(self) -> None:
+        all_reduce(self.v)
+        self.n = all_reduce_count(self.n)
+
     def result(self) -> Tensor:
         return self.v / max(self.n, 1)
 
@@ -89,12 +103,18 @@ class Inputs:
     def __init__(self, linear: nn.Module, max_rows: int | None = None,
                  generator: torch.Generator | None = None, device: str | None = None) -> None:
         self.rows, self.gen, self.device = max_rows, generator, device
+        self.features = _features(linear, "in_features", 1)
         self.xs: list[Tensor] = []
 
     def update(self, x: Tensor, y: Tensor | None = None) -> None:
         if self.rows is not None and x.shape[0] > self.rows:
             x = x[torch.randperm(x.shape[0], generator=self.gen)[: self.rows].to(x.device)]
         self.xs.append(x.clone() if self.device is None else x.to(self.device))
+
+    def all_reduce(self) -> None:
+        """Every process's rows, one tensor per process (in rank order)."""
+        mine = torch.cat(self.xs) if self.xs else torch.zeros(0, self.features)
+        self.xs = [x for x in all_gather_rows(mine) if x.shape[0]]
 
     def result(self) -> list[Tensor]:
         return self.xs
@@ -107,6 +127,9 @@ class OutputAbsMax:
     def update(self, x: Tensor, y: Tensor | None = None) -> None:
         if y is not None and y.shape[0]:
             torch.maximum(self.v, y.abs().amax(dim=0).to(self.v.device), out=self.v)
+
+    def all_reduce(self) -> None:
+        all_reduce(self.v, "max")
 
     def result(self) -> Tensor:
         return self.v
@@ -123,6 +146,9 @@ class Fisher:
         assert y is not None, "fisher is a gradient observer"
         self.f.add_((y.t() @ x).pow_(2))
 
+    def all_reduce(self) -> None:
+        all_reduce(self.f)
+
     def result(self) -> Tensor:
         return self.f
 
@@ -138,6 +164,10 @@ class GradSquare:
         assert y is not None, "grad_sq is a gradient observer"
         self.v.add_(y.pow(2).sum(dim=0).to(self.v.device))
         self.n += y.shape[0]
+
+    def all_reduce(self) -> None:
+        all_reduce(self.v)
+        self.n = all_reduce_count(self.n)
 
     def result(self) -> Tensor:
         return self.v / max(self.n, 1)

@@ -124,6 +124,12 @@ class BlockContext(Protocol):
         ``options`` go to the observer's constructor."""
 
     # -- modules -------------------------------------------------------------------------------
+    def all_reduce(self, tensor: Tensor, op: Literal["sum", "max"] = "sum") -> Tensor:
+        """Combine ``tensor`` (in place) across the processes that share the calibration windows
+        (its sum or maximum; unchanged in one process). Every process must call it alike; a method
+        whose own sums over the calibration data go through it can declare
+        ``Capabilities(distributed=True)``."""
+
     def linear(self, name: str) -> Module:
         """The linear (float or quantized) at block-relative ``name``."""
 

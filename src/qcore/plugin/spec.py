@@ -55,6 +55,10 @@ class Capabilities:
     chain_options: tuple[tuple[str, str], ...] = ()
     """(own option, option of the weight method that follows it in a chain): an own option given
     explicitly also sets the follower's (SmoothQuant's ``w_bits`` is the next method's ``bits``)."""
+    distributed: bool = False
+    """True for a method whose statistics are combined across processes when several share the
+    calibration windows (torchrun): it reads them through observers and ``BlockContext.all_reduce``
+    only, and takes the same decisions in every process. Others are refused under torchrun."""
     takes_quantized: bool = False
     """True only for a method written to run on a model that already holds quantized layers (a
     qcore checkpoint, bitsandbytes layers, a model quantized before in this process); for every

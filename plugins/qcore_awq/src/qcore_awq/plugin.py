@@ -18,6 +18,7 @@ SPEC = MethodSpec(
         kind="weight-only",
         weight_bits=(2, 3, 4, 8),
         needs_calibration=True,
+        distributed=True,
         composes_with=("gptq", "kind:reconstruction"),
         group_sizes=(-1, 32, 64, 128),
         notes=(

@@ -164,7 +164,10 @@ class AWQQuantizer(BaseQuantizer):
                 finally:
                     for n in targets:
                         linears[n].weight.data = originals[n]
-                return float(sum((o - r).pow(2).sum() for o, r in zip(outs, ref))) / max(numel, 1)
+                # summed over every process's windows when several share them (torchrun)
+                sq = sum((o - r).double().pow(2).sum() for o, r in zip(outs, ref))
+                err = block.all_reduce(torch.tensor([float(sq), float(numel)], dtype=torch.float64))
+                return float(err[0]) / max(float(err[1]), 1.0)
 
             s, alpha, losses, base = search_scale(x_mean, w_mean, loss, cfg.n_grid, cfg.duo_scaling)
         rec: dict[str, Any] = {"alpha": alpha, "loss_unscaled": base,

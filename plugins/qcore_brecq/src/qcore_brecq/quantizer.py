@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from qcore.plugin import MethodSpec
+    from qcore_brecq.act import ActStep
     from qcore_brecq.brecq import RoundingVars
     from qcore_brecq.config import BrecqConfig
 
@@ -50,22 +51,30 @@ class BrecqQuantizer(BaseQuantizer):
         weights = self._fisher_weights(block) if cfg.loss == "fisher" else None
         params = param_names(block.module, {n: block.linear(n) for n in names})
         rvs = self._init_vars(block, names)
+        acts = self._init_acts(block, names)
         frozen = [(p, p.requires_grad) for p in block.module.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
+        from qcore_brecq.act import input_hook
+
+        hooks = [block.linear(n).register_forward_pre_hook(input_hook(a)) for n, a in acts.items()]
         try:
             rtn = self._error(block, rvs, params, targets, weights, mode="nearest")
             norm = rtn if rtn > 0 else 1.0
-            step_seconds = self._train(block, rvs, params, targets, weights, norm)
+            step_seconds = self._train(block, rvs, params, targets, weights, norm, acts)
             final = self._error(block, rvs, params, targets, weights, mode="hard")
         finally:
             for p, req in frozen:
                 p.requires_grad_(req)
+            for hook in hooks:
+                hook.remove()
         from qcore_brecq.brecq import soft_fraction
 
         flipped = _flipped(block, rvs)
         undecided = sum(soft_fraction(rv) * rv.v.numel() for rv in rvs.values()) / sum(rv.v.numel() for rv in rvs.values())
         self._pack(block, names, rvs)
+        for name, step in acts.items():
+            block.request_activation_quant(name, step.to_act())
         self.blocks[block.name] = {
             "linears": len(names),
             "iterations": cfg.iterations,
@@ -77,6 +86,8 @@ class BrecqQuantizer(BaseQuantizer):
             "step_seconds": round(step_seconds, 4),
             "seconds": round(time.perf_counter() - start, 3),
         }
+        if acts:
+            self.blocks[block.name]["activation_grids"] = {n: _describe(a) for n, a in acts.items()}
         log.debug("brecq %s: error %.4g vs round-to-nearest %.4g", block.name, final, rtn)
 
     # -- the steps ---------------------------------------------------------------------------------
@@ -115,6 +126,26 @@ class BrecqQuantizer(BaseQuantizer):
             rvs[name] = rounding_vars(w, scales, zeros, p.bits, p.group_size, cfg.learn_scales)
         return rvs
 
+    def _init_acts(self, block: BlockContext, names: list[str]) -> dict[str, ActStep]:
+        """Each linear's activation grid (``a_bits``), searched on its sampled calibration inputs."""
+        import torch
+
+        from qcore_brecq.act import INIT_ROWS, init_step
+
+        cfg = self.config
+        if cfg.a_bits is None:
+            return {}
+        gen = torch.Generator().manual_seed(cfg.step_seed * 100_003 + block.index)
+        seen = block.observe(names, "inputs", max_rows=INIT_ROWS, generator=gen)
+        steps = {}
+        for name in names:
+            rows = [x for x in seen[name] if x.shape[0]]
+            sample = torch.cat(rows) if rows else torch.zeros(1, 1)
+            steps[name] = init_step(sample, cfg.a_bits, cfg.a_dynamic)
+            if not cfg.learns_activation_steps:
+                steps[name].param.requires_grad_(False)
+        return steps
+
     def _run(self, block: BlockContext, params: dict[str, str], weights: dict[str, Tensor], i: int,
              idx: Tensor | None = None) -> Tensor:
         """The block on batch ``i`` (windows ``idx``) with its linears' weights replaced."""
@@ -152,8 +183,10 @@ class BrecqQuantizer(BaseQuantizer):
         return total / max(count, 1)
 
     def _train(self, block: BlockContext, rvs: dict[str, RoundingVars], params: dict[str, str],
-               targets: list[Tensor], weights: list[Tensor] | None, norm: float) -> float:
-        """Adam on the rounding variables (and scales); returns the mean seconds per step."""
+               targets: list[Tensor], weights: list[Tensor] | None, norm: float,
+               acts: dict[str, ActStep]) -> float:
+        """Adam on the rounding variables (and scales, activation steps); returns the mean seconds
+        per step."""
         import torch
 
         from qcore_adaround.adaround import beta_at, rectified_sigmoid
@@ -163,6 +196,8 @@ class BrecqQuantizer(BaseQuantizer):
         groups = [{"params": [rv.v for rv in rvs.values()], "lr": cfg.lr}]
         if cfg.learn_scales:
             groups.append({"params": [rv.log_scale for rv in rvs.values()], "lr": cfg.scale_lr})
+        if acts and cfg.learns_activation_steps:
+            groups.append({"params": [a.param for a in acts.values()], "lr": cfg.a_lr})
         opt = torch.optim.Adam(groups, fused=next(iter(rvs.values())).v.device.type in FUSED_ADAM_DEVICES)
         gen = torch.Generator().manual_seed(cfg.step_seed * 100_003 + block.index)
         sizes = [t.shape[0] for t in targets]
@@ -227,6 +262,12 @@ def param_names(module: nn.Module, linears: dict[str, nn.Module]) -> dict[str, s
                                    "only quantize float linears (nn.Linear)")
         out[name] = by_id[id(weight)]
     return out
+
+
+def _describe(step: ActStep) -> dict[str, Any]:
+    """The learned activation grid of one linear, for the record."""
+    act = step.to_act()
+    return {"clip": round(act.clip, 4)} if act.dynamic else {"scale": float(f"{act.scale:.6g}")}
 
 
 def _flipped(block: BlockContext, rvs: dict[str, RoundingVars]) -> float:

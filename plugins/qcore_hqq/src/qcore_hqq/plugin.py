@@ -18,6 +18,7 @@ SPEC = MethodSpec(
         kind="weight-only",
         weight_bits=HQQ_BITS,
         needs_calibration=False,
+        distributed=True,
         group_sizes=(-1, 16, 32, 64, 128, 256),
         notes=(
             "asymmetric only (float zero points); groups along the input features (HQQ axis=1)",

@@ -19,6 +19,7 @@ SPEC = MethodSpec(
         weight_bits=W_BITS,
         activation_bits=A_BITS,
         needs_calibration=True,
+        distributed=True,
         composes_with=("kind:weight-only", "kind:reconstruction"),
         group_sizes=(-1, 32, 64, 128),
         chain_options=(("w_bits", "bits"),),
