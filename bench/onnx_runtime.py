@@ -5,8 +5,11 @@ SOURCE is a qcore checkpoint (exported as it is) or a model name / float folder 
 quantized here with RTN (``--bits``, ``--group-size``, ``--ignore``). The export is written twice:
 as ``qcore export --format onnx`` writes it (MatMulNBits ``accuracy_level`` 0: float32 compute, qcore's
 numbers) and with ``accuracy_level`` 4 (onnxruntime quantizes activations to int8 per block: its
-fastest CPU path, no longer qcore's numbers). Perplexity: non-overlapping ``--seq-len`` windows of
-``--data`` (``qcore.eval``'s protocol); onnxruntime's logits come from one prefill per window batch.
+fastest CPU path, no longer qcore's numbers); ``--lm-head-bits 8 4`` adds both exports again with a
+float LM head quantized at export (``onnx.write(..., lm_head_bits=N)``: symmetric RTN, 8 bits per
+channel or 4 bits in blocks of 32, as MatMulNBits; the embedding still reads the float table).
+Perplexity: non-overlapping ``--seq-len`` windows of ``--data`` (``qcore.eval``'s protocol);
+onnxruntime's logits come from one prefill per window batch.
 Decoding: ``--new-tokens`` greedy tokens after a fixed prompt, prompt prefill included (as
 bench/decode.py), median of ``--rounds``; onnxruntime runs the loop here (numpy in and out, the
 presents fed back as the past), qcore ``model.generate``.
@@ -168,6 +171,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lm-head-bits", type=int, nargs="*", default=[], choices=onnx_format.LM_HEAD_BITS,
+                    help="also export with a float LM head quantized to these bits (MatMulNBits), e.g. 8 4")
     ap.add_argument("--genai-python", help="python of an environment with onnxruntime-genai (adds its builder's int4)")
     ap.add_argument("--float-dir", type=Path, help="the float model folder for --genai-python, when SOURCE is a checkpoint")
     ap.add_argument("--json")
@@ -182,11 +187,21 @@ def main() -> None:
     rows = [measure("qcore (PyTorch)", lambda i, n: qcore_decode(model, i, n), ref_ppl, prompt, args, tok, ref_ppl)]
     notes = []
     with tempfile.TemporaryDirectory(prefix="qcore-onnx-bench-") as tmp:
-        exports = {"onnxruntime (qcore export)": onnx_format.ACCURACY_LEVEL,
-                   f"onnxruntime (qcore export, accuracy_level {FAST_ACCURACY_LEVEL})": FAST_ACCURACY_LEVEL}
-        for i, (name, level) in enumerate(exports.items()):
+        exports: list[tuple[str, int, int | None]] = []
+        for head_bits in [None, *args.lm_head_bits]:
+            head = "" if head_bits is None else f", lm_head int{head_bits}"
+            exports += [(f"onnxruntime (qcore export{head})", onnx_format.ACCURACY_LEVEL, head_bits),
+                        (f"onnxruntime (qcore export, accuracy_level {FAST_ACCURACY_LEVEL}{head})",
+                         FAST_ACCURACY_LEVEL, head_bits)]
+        exact_level = onnx_format.ACCURACY_LEVEL
+        for i, (name, level, head_bits) in enumerate(exports):
             setattr(onnx_format, "ACCURACY_LEVEL", level)
-            out = qcore.export(model, Path(tmp) / f"qcore-{i}", "onnx", tokenizer=tok)
+            if head_bits is None:
+                out = qcore.export(model, Path(tmp) / f"qcore-{i}", "onnx", tokenizer=tok)
+            else:
+                out = Path(tmp) / f"qcore-{i}"
+                onnx_format.write(model, out, tok, lm_head_bits=head_bits)
+            setattr(onnx_format, "ACCURACY_LEVEL", exact_level)
             ort_model = OrtModel.open(out, args.threads)
             rows.append(measure(name, lambda i, n, m=ort_model: ort_decode(m, i.numpy(), n),
                                 ort_perplexity(ort_model, win), prompt, args, tok, ref_ppl))

@@ -146,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", required=True,
                    help="compressed-tensors (pack-quantized 4/8-bit weight-only, or W8A8: transformers and vLLM "
                         "load it), gptq (GPTQModel/AutoGPTQ layout), awq (AutoAWQ GEMM layout) or gguf (one "
-                        "llama.cpp file: Q4_0/Q4_1/Q8_0, groups of 32/64/128)")
+                        "llama.cpp file: Q4_0/Q4_1/Q8_0, groups of 32/64/128) or onnx (an onnxruntime decoder: "
+                        "MatMulNBits, KV cache, onnxruntime-genai names)")
     s.add_argument("--out", required=True, help="output folder (or file, for gguf)")
+    s.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
+                   help="onnx only: write a float LM head quantized to 8 (per channel) or 4 bits (blocks of 32) "
+                        "by round-to-nearest (the embedding stays float); default: exact float")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     _json_arg(s)
     s.set_defaults(func=cmd_export)
@@ -455,7 +459,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from qcore.formats import export
 
-    out = export(args.path, args.out, args.format, overwrite=args.overwrite)
+    options = {} if args.lm_head_bits is None else {"lm_head_bits": args.lm_head_bits}
+    out = export(args.path, args.out, args.format, overwrite=args.overwrite, **options)
     emit(args.json, {"path": args.path, "format": args.format, "out": str(out)},
          f"exported {args.path} as {args.format} to {out}")
     return 0

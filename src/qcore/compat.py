@@ -289,7 +289,7 @@ def matrix_rows(specs: list[MethodSpec] | None = None) -> list[dict[str, Any]]:
                 "family": fam.model_type, "supported": family_supported(spec, fam.model_type),
                 "weight_bits": list(caps.weight_bits), "activation_bits": list(caps.activation_bits),
                 "group_sizes": list(caps.group_sizes), "needs_calibration": caps.needs_calibration,
-                "trains": caps.trains, "composes_with": list(caps.composes_with),
+                "trains": caps.trains, "distributed": caps.distributed, "composes_with": list(caps.composes_with),
                 "options": spec.config_cls.option_names(),
             })
     return rows
@@ -334,16 +334,17 @@ def render_markdown(specs: list[MethodSpec] | None = None) -> str:
         "## Methods",
         "",
         "| method | plugin | kind | weight bits | activation bits | group sizes | calibration | trains "
-        "| may be followed by |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| torchrun | may be followed by |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in specs:
         c = s.capabilities
         out.append(f"| `{s.name}` | {s.distribution or s.plugin} | {c.kind} | {_bits(c.weight_bits)} | "
                    f"{_bits(c.activation_bits)} | {_bits(c.group_sizes)} | "
                    f"{'needed' if c.needs_calibration else 'no'} | {'yes' if c.trains else 'no'} | "
-                   f"{', '.join(c.composes_with) or '-'} |")
-    out += ["", "Group size -1 means one scale per output channel.", ""]
+                   f"{'yes' if c.distributed else 'no'} | {', '.join(c.composes_with) or '-'} |")
+    out += ["", "Group size -1 means one scale per output channel. torchrun: the method shares the calibration "
+            "windows over several processes (`Capabilities.distributed`).", ""]
 
     out += ["## Architectures", "",
             "`yes`: the method's `architectures` admit the family; every family is introspected by",

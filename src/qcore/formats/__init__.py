@@ -4,10 +4,11 @@ One module per format (``FORMATS``), each with the same three names:
 
 - ``KIND``: ``"dir"`` (a folder, written through :func:`qcore.checkpoint.atomic.atomic_dir`) or
   ``"file"`` (one file, written through :func:`qcore.checkpoint.atomic.atomic_file`);
-- ``check(model) -> list[str]``: why this format cannot hold ``model`` (each reason names the
-  format that can); empty when it can. Runs before anything is written;
-- ``write(model, target, tokenizer) -> None``: write into ``target`` (the temporary folder or
-  file that is renamed into place on success).
+- ``check(model, **options) -> list[str]``: why this format cannot hold ``model`` (each reason
+  names the format that can); empty when it can. Runs before anything is written;
+- ``write(model, target, tokenizer, **options) -> None``: write into ``target`` (the temporary
+  folder or file that is renamed into place on success). Its keyword-only parameters are the
+  format's options (``qcore.export(..., lm_head_bits=8)``); formats without any take none.
 """
 from __future__ import annotations
 
@@ -67,21 +68,23 @@ def check_export(model: Any, format: str) -> list[str]:
 
 
 def export(model_or_dir: Any, out: str | os.PathLike[str], format: str, *, tokenizer: Any = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, **options: Any) -> Path:
     """Write ``model_or_dir`` (a quantized model, or a qcore checkpoint folder) to ``out`` in
     ``format``; returns the output path. Checked first, written aside and renamed into place:
-    a refusal or a failure leaves ``out`` as it was."""
+    a refusal or a failure leaves ``out`` as it was. ``options`` go to the format's ``check`` and
+    ``write`` (e.g. ``lm_head_bits=8`` for onnx); a format that takes none refuses them."""
     from qcore.checkpoint.atomic import atomic_dir, atomic_file, model_sources
 
     mod = format_module(format)
+    _check_options(mod, format, options)
     model, tokenizer, inputs = _model(model_or_dir, tokenizer)
-    reasons = list(mod.check(model))
+    reasons = list(mod.check(model, **options))
     if reasons:
         raise ExportError(f"format {format!r} cannot hold this model: " + "; ".join(reasons))
     inputs = inputs + model_sources(model)
     if mod.KIND == "dir":
         with atomic_dir(out, overwrite, kind=f"export-{format}", inputs=inputs) as tmp:
-            mod.write(model, tmp, tokenizer)
+            mod.write(model, tmp, tokenizer, **options)
         return Path(out).expanduser().absolute()
     target = Path(out).expanduser().absolute()
     if target.is_dir():
@@ -92,8 +95,20 @@ def export(model_or_dir: Any, out: str | os.PathLike[str], format: str, *, token
         if target.resolve() == Path(src).expanduser().resolve():
             raise ExportError(f"{target} is the input model; pass another output name")
     with atomic_file(target) as tmp:
-        mod.write(model, tmp, tokenizer)
+        mod.write(model, tmp, tokenizer, **options)
     return target
+
+
+def _check_options(mod: ModuleType, format: str, options: dict[str, Any]) -> None:
+    """Refuse options the format's ``write`` does not take, naming those it does."""
+    import inspect
+
+    params = inspect.signature(mod.write).parameters
+    taken = [n for n, p in params.items() if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(taken))
+    if unknown:
+        raise ExportError(f"format {format!r} takes no option {', '.join(unknown)}; "
+                          + (f"its options: {', '.join(taken)}" if taken else "it takes none"))
 
 
 def _model(model_or_dir: Any, tokenizer: Any) -> tuple[Any, Any, tuple[str, ...]]:

@@ -46,12 +46,28 @@ layers) are ``com.microsoft::FusedMatMul`` with ``transB`` on the ``[out, in]`` 
 ``lm_head`` reads the embedding table itself. Every float tensor is written as float32 (bfloat16
 and float16 values convert exactly).
 
+W8A8 layers (a ``QuantLinear`` whose ``act`` is dynamic per-token symmetric int8, SmoothQuant's
+output) compute what qcore's ``w8a8`` kernel computes: the input's per-row grid in ONNX ops
+(``s = max(ReduceMax(Abs(x)) / 127, 1e-30)``, ``q = Clip(Round(x / s), -127, 127)``; Round is
+half-to-even, as torch's), computed once per input (q/k/v and gate/up share it); with 8-bit
+per-channel weights, ``MatMulInteger`` of the int8 codes and the weight codes minus 128 (int8
+``[K, N]``; an asymmetric layer's zero points minus 128 as its int8 ``b_zero_point``), exact int32,
+then ``Cast`` to float32, times the weight's per-channel scale, times ``s``, plus the bias; with
+grouped or 2/4-bit weights (e.g. SmoothQuant's ``group_size=32``), ``q * s`` into MatMulNBits, as
+qcore's float backends read a fake-quantized input.
+
+``write(..., lm_head_bits=8 or 4)`` quantizes a float LM head at export (symmetric RTN: 8 bits per
+channel, 4 bits in blocks of 32; float32 scales) and writes it as MatMulNBits; the embedding's
+``Gather`` still reads the float table. The logits are then no longer qcore's (the head's rounding
+error); the default (None) writes the float head.
+
 Refused (:func:`check`), each reason naming the fix or the format that holds it: architectures other
 than :data:`ARCHS` (naming the export formats whose check passes), activations other than SiLU, rope
 scaling other than :data:`STATIC_ROPE`, partial rotary embeddings, 3-bit and other widths, group
 sizes that are not a power of two from 16, float zero points (HQQ), act-order groups of uneven size,
-online input transforms (QuaRot rotations), activation quantization (W8A8), and modules qcore
-saves that are not a plain ``QuantLinear``.
+online input transforms (QuaRot rotations), activation grids other than dynamic per-token symmetric
+int8 (static per-tensor scales, 4/6-bit, clipped or asymmetric activations), modules qcore saves that
+are not a plain ``QuantLinear``, and an ``lm_head_bits`` other than 4 or 8 or on a quantized head.
 
 Measured (2026-12-07, Intel Xeon Processor, 2 cores, onnx 1.23.2, onnxruntime 1.32.0,
 tests/test_onnx_export.py): onnxruntime's logits of every tiny case (llama, tied llama, llama3 rope,
@@ -59,7 +75,21 @@ mistral with and without a window, qwen2, qwen3; 2/4/8 bits, groups 32/64/128 an
 symmetric and asymmetric, act-order, float; both attention paths), prefill and decode through the
 cache, within 1.3e-7 to 6.0e-7 of qcore's ``reference`` backend; stories260K's perplexity within
 0.02% of qcore's own model (which runs its bf16 int4 kernel); onnxruntime-genai 0.18.0 generates
-qcore's greedy tokens from the folder.
+qcore's greedy tokens from the folder. W8A8: one layer's output equals qcore's ``w8a8`` kernel's
+bit for bit at 1, 9 and 33 rows (symmetric weights; asymmetric within 6e-8 relative), where that
+kernel accumulates in int32; at 2 to 8 rows qcore runs ``_weight_int8pack_mm`` in bfloat16 (0.4%
+relative apart). Whole tiny models (SmoothQuant W8A8 llama and qwen2: 1.2e-7; w8 g32: 4.6e-4) differ
+where an activation within float32 rounding of a rounding boundary of its grid takes the
+neighbouring code (one step, ``max|x_row| / 127``; the float parts between layers differ by
+summation order); stories260K W8A8 perplexity 5.51429 against qcore's 5.51462 (-0.006%). A tiny
+tied llama with ``lm_head_bits`` 8 / 4: logits within 4.2e-3 / 6.0e-2 of the float head (random
+weights), 2.4e-7 of the same quantized head run by qcore. SmolLM2-135M GPTQ w4 g32 (bench/onnx_runtime.py,
+9 x 512 WikiText-2 tokens, one thread, load average 4-5; qcore's own model 39.51): float head 39.50,
+40.7 tokens/s; ``lm_head_bits=4`` 44.78 (+13%: the int4 head is most of onnxruntime-genai's builder's
+loss), 53.6 tokens/s; ``lm_head_bits=8`` 39.61 (+0.24%) but 9.0 tokens/s: onnxruntime's CPU
+MatMulNBits has no fast 8-bit kernel at ``accuracy_level`` 0 (49152 x 576, one row: 96 ms, the float
+matmul 7.5 ms, 8 bits at level 4 1.5 ms, 4 bits at level 0 2.7 ms); with level 4 on the head alone,
+39.78 (+0.68%) at 51.3 tokens/s.
 """
 from __future__ import annotations
 
@@ -98,6 +128,14 @@ STATIC_ROPE: tuple[str, ...] = ("default", "linear", "llama3")
 """``rope_type`` values whose cos/sin depend on the position only: their tables are computed once by
 the model's own rotary embedding and stored."""
 SILU: tuple[str, ...] = ("silu", "swish")
+ACT_INT8_RANGE: tuple[int, int] = (-127, 127)
+"""Codes of the dynamic per-token int8 activation grid (qcore's ``act_qrange(8, sym=True)``)."""
+ACT_SCALE_FLOOR = 1e-30
+"""Smallest activation scale (``quantize_act_int8``'s clamp: an all-zero row gets zero codes)."""
+LM_HEAD_BITS: tuple[int, ...] = (4, 8)
+"""``lm_head_bits`` values :func:`write` takes (a float LM head quantized at export, RTN)."""
+LM_HEAD_BLOCK_4BIT = 32
+"""Group size of a 4-bit exported LM head (8 bits: per channel)."""
 GQA_HEAD_MULTIPLE = 16
 """GroupQueryAttention's CPU kernel needs a head size that is a multiple of this; other head sizes
 (stories260K's 8) get attention in plain ONNX ops."""
@@ -139,8 +177,9 @@ LAYER_NORMS: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
 
 
 # -- check ----------------------------------------------------------------------------------------
-def check(model: nn.Module) -> list[str]:
-    """Why this format cannot hold ``model`` (each reason names the fix); empty when it can."""
+def check(model: nn.Module, *, lm_head_bits: int | None = None) -> list[str]:
+    """Why this format cannot hold ``model`` (each reason names the fix); empty when it can.
+    ``lm_head_bits``: see :func:`write`."""
     from qcore.formats import compressed_tensors as ct
 
     if not _importable("onnx"):
@@ -154,7 +193,7 @@ def check(model: nn.Module) -> list[str]:
         return [f"architecture {model_type!r} is not written to ONNX (qcore writes {', '.join(ARCHS)}); "
                 f"{other_formats(model)}"]
     found: dict[str, list[str]] = defaultdict(list)
-    for reason in config_problems(config) + structure_problems(model):
+    for reason in config_problems(config) + structure_problems(model) + lm_head_problems(model, lm_head_bits):
         found[reason].append("")
     layers = ct.quantized_layers(model)
     for name, layer in layers.items():
@@ -209,6 +248,22 @@ def config_problems(config: Any) -> list[str]:
     return problems
 
 
+def lm_head_problems(model: nn.Module, lm_head_bits: int | None) -> list[str]:
+    """Why ``lm_head_bits`` cannot apply to ``model``'s LM head (empty when it can or is None)."""
+    if lm_head_bits is None:
+        return []
+    if lm_head_bits not in LM_HEAD_BITS:
+        return [f"lm_head_bits={lm_head_bits}: use 8 (symmetric per-channel RTN), 4 (symmetric RTN, block "
+                f"{LM_HEAD_BLOCK_4BIT}) or None (the float LM head)"]
+    head = getattr(model, "lm_head", None)
+    if _is_quantized(head):
+        return [f"lm_head_bits={lm_head_bits}: the LM head is already quantized (its own codes are written); "
+                "leave lm_head_bits unset"]
+    if not isinstance(getattr(head, "weight", None), Tensor) or head.weight.dim() != 2:
+        return [f"lm_head_bits={lm_head_bits}: the LM head has no 2-D weight to quantize; leave lm_head_bits unset"]
+    return []
+
+
 def structure_problems(model: nn.Module) -> list[str]:
     """Modules of the Llama-style layout the graph reads, where missing."""
     inner = getattr(model, "model", None)
@@ -244,10 +299,33 @@ def layer_problems(layer: Any) -> list[str]:
     if layer.input_transform is not None:
         problems.append(f"an online input transform ({type(layer.input_transform).__name__}, e.g. a QuaRot "
                         f"rotation) that runs before the matmul; {QCORE_HINT}")
-    if layer.act is not None:
-        problems.append(f"activation quantization (A{layer.act.bits}): the ONNX export writes weight-only "
-                        f"layers; export compressed-tensors (W8A8), or {QCORE_HINT}")
+    if layer.act is not None and not act_int8_grid(layer.act):
+        problems.append(f"activation quantization {act_grid(layer.act)}: the ONNX export writes dynamic per-token "
+                        f"symmetric int8 activations only (SmoothQuant's W8A8, ActQuant(bits=8, dynamic=True, "
+                        f"sym=True)); export compressed-tensors, or {QCORE_HINT}")
     return problems
+
+
+def act_int8_grid(act: Any) -> bool:
+    """Whether ``act`` (an ``ActQuant``) is the grid written here: dynamic per-token symmetric int8,
+    unclipped (``s = max|x_row| / 127``, ``q = clamp(round(x / s), -127, 127)``)."""
+    return bool(act.bits == 8 and act.dynamic and act.sym and act.clip == 1.0)
+
+
+def act_grid(act: Any) -> str:
+    """``act`` in words (a refusal's subject)."""
+    kind = "dynamic per-token" if act.dynamic else "static per-tensor"
+    clip = f", clip {act.clip}" if act.clip != 1.0 else ""
+    return f"A{act.bits} ({kind}, {'symmetric' if act.sym else 'asymmetric'}{clip})"
+
+
+def integer_matmul(layer: Any) -> bool:
+    """Whether ``layer`` is written as ``MatMulInteger`` (int8 activations times its 8-bit per-channel
+    codes, as qcore's ``w8a8`` kernel); other activation-quantized layers (grouped or 2/4-bit
+    weights) get their activations quantized and dequantized before MatMulNBits, as qcore's float
+    backends compute them."""
+    return (layer.act is not None and layer.bits == 8
+            and (layer.group_size == -1 or layer.group_size >= layer.in_features))
 
 
 def block_size(layer: Any) -> int | None:
@@ -408,6 +486,9 @@ class Graph:
     nodes: list[Any] = field(default_factory=list)
     initializers: dict[str, Any] = field(default_factory=dict)
     counter: int = 0
+    memo: dict[tuple[str, str], str] = field(default_factory=dict)
+    """``(what, input) -> output`` of subgraphs several nodes read (one activation quantization of
+    the input q/k/v, gate/up share)."""
 
     def const(self, name: str, array: np.ndarray) -> str:
         """Add (once) the initializer ``name`` holding ``array``."""
@@ -433,11 +514,82 @@ class Graph:
         return self.op(op_type, inputs, 1, name, domain, outputs, **attrs)[0]
 
 
+def act_quant(graph: Graph, x: str, name: str) -> tuple[str, str]:
+    """``(codes, scale)`` of ``x`` on the dynamic per-token int8 grid, as qcore's
+    ``quantize_act_int8``: ``s = max(max|x_row| / 127, 1e-30)`` float32 ``[..., 1]``,
+    ``q = clip(round(x / s), -127, 127)`` (float32 integer values; Round is half-to-even, as torch's)."""
+    key = ("act_codes", x)
+    if key not in graph.memo:
+        lo, hi = ACT_INT8_RANGE
+        axis = graph.const("const.axis_last", np.array([-1], np.int64))
+        amax = graph.op1("ReduceMax", [graph.op1("Abs", [x], f"{name}/act_abs"), axis], f"{name}/act_absmax",
+                         keepdims=1)
+        scale = graph.op1("Div", [amax, graph.const("const.f32_act_qmax", np.array(hi, np.float32))],
+                          f"{name}/act_scale")
+        scale = graph.op1("Max", [scale, graph.const("const.f32_act_floor", np.array(ACT_SCALE_FLOOR, np.float32))],
+                          f"{name}/act_scale_floor")
+        codes = graph.op1("Round", [graph.op1("Div", [x, scale], f"{name}/act_div")], f"{name}/act_round")
+        codes = graph.op1("Clip", [codes, graph.const("const.f32_act_lo", np.array(lo, np.float32)),
+                                   graph.const("const.f32_act_hi", np.array(hi, np.float32))], f"{name}/act_clip")
+        graph.memo[key], graph.memo[("act_scale", x)] = codes, scale
+    return graph.memo[key], graph.memo[("act_scale", x)]
+
+
+def act_int8(graph: Graph, x: str, name: str) -> tuple[str, str]:
+    """``(int8 codes, float32 scale [..., 1])`` of ``x`` (:func:`act_quant`, codes cast to int8)."""
+    codes, scale = act_quant(graph, x, name)
+    key = ("act_int8", x)
+    if key not in graph.memo:
+        graph.memo[key] = graph.op1("Cast", [codes], f"{name}/act_int8", to=_onnx().TensorProto.INT8)
+    return graph.memo[key], scale
+
+
+def act_fake_quant(graph: Graph, x: str, name: str) -> str:
+    """``q * s``: ``x`` quantized and dequantized on the int8 grid (what qcore's float backends read)."""
+    codes, scale = act_quant(graph, x, name)
+    key = ("act_dequant", x)
+    if key not in graph.memo:
+        graph.memo[key] = graph.op1("Mul", [codes, scale], f"{name}/act_dequant")
+    return graph.memo[key]
+
+
+def int8_weight(layer: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(B, scales, zero_points)`` of an 8-bit per-channel layer for ``MatMulInteger``: int8
+    ``[K, N]`` codes minus 128, float32 ``[N]`` scales, int8 ``[N]`` zero points minus 128 (None when
+    every zero is 128, the symmetric grid)."""
+    qw = layer.quantized_weight()
+    codes = qw.codes.cpu().to(torch.int16) - 128
+    zeros = qw.zeros.float().cpu()[:, 0].to(torch.int16) - 128
+    B = np.ascontiguousarray(codes.t().to(torch.int8).numpy())
+    zp = None if bool((zeros == 0).all()) else zeros.to(torch.int8).numpy()
+    return B, np.ascontiguousarray(qw.scales.float().cpu()[:, 0].numpy()), zp
+
+
+def integer_linear(graph: Graph, layer: Any, x: str, name: str) -> str:
+    """``layer(x)`` without bias as qcore's ``w8a8`` kernel computes it: int8 codes of ``x`` times the
+    int8 weight codes in ``MatMulInteger`` (exact int32), cast to float32, times the weight's
+    per-channel scale, times the activation's per-row scale."""
+    codes, scale = act_int8(graph, x, name)
+    B, scales, zp = int8_weight(layer)
+    inputs = [codes, graph.const(f"{name}.MatMulInteger.weight", B)]
+    if zp is not None:
+        inputs += ["", graph.const(f"{name}.MatMulInteger.zero_points", zp)]
+    acc = graph.op1("MatMulInteger", inputs, f"{name}/MatMulInteger")
+    y = graph.op1("Cast", [acc], f"{name}/Cast", to=_onnx().TensorProto.FLOAT)
+    y = graph.op1("Mul", [y, graph.const(f"{name}.MatMulInteger.scales", scales)], f"{name}/weight_scale")
+    return graph.op1("Mul", [y, scale], f"{name}/act_scale")
+
+
 def linear(graph: Graph, module: nn.Module, x: str, name: str) -> str:
-    """``module(x)`` (a QuantLinear as MatMulNBits, an nn.Linear as FusedMatMul), bias added."""
+    """``module(x)`` (a QuantLinear as MatMulNBits, or as MatMulInteger when :func:`integer_matmul`;
+    an nn.Linear as FusedMatMul), bias added."""
     from qcore.quant.linear import QuantLinear
 
-    if isinstance(module, QuantLinear):
+    if isinstance(module, QuantLinear) and integer_matmul(module):
+        y = integer_linear(graph, module, x, name)
+    elif isinstance(module, QuantLinear):
+        if module.act is not None:
+            x = act_fake_quant(graph, x, name)
         w = nbits_weight(module)
         if w.order is not None:
             x = graph.op1("Gather", [x, graph.const(f"{name}.act_order", w.order)], f"{name}/act_order", axis=-1)
@@ -646,8 +798,23 @@ def mlp(graph: Graph, block: nn.Module, x: str, prefix: str) -> str:
                   f"{prefix}.mlp.down_proj")
 
 
-def build_graph(model: nn.Module) -> Graph:
-    """Every node and initializer of the decoder (see the module docstring)."""
+def quantized_head(model: nn.Module, bits: int) -> nn.Module:
+    """``model.lm_head`` quantized with symmetric RTN (``bits`` 8: per channel; 4: block
+    :data:`LM_HEAD_BLOCK_4BIT`), float32 scales, its bias kept: the head :func:`write` writes for
+    ``lm_head_bits``."""
+    from qcore.quant.linear import QuantLinear
+    from qcore.quant.primitives import quantize_rtn
+
+    head = model.lm_head
+    qw = quantize_rtn(head.weight.detach().float().cpu(), bits, -1 if bits == 8 else LM_HEAD_BLOCK_4BIT, True)
+    bias = getattr(head, "bias", None)
+    return QuantLinear.from_quantized(qw, None if bias is None else bias.detach().float().cpu(),
+                                      scale_dtype=torch.float32)
+
+
+def build_graph(model: nn.Module, lm_head_bits: int | None = None) -> Graph:
+    """Every node and initializer of the decoder (see the module docstring); ``lm_head_bits``: see
+    :func:`write`."""
     config = model.config
     graph = Graph()
     eps = float(config.rms_norm_eps)
@@ -661,7 +828,7 @@ def build_graph(model: nn.Module) -> Graph:
         x = rms_norm(graph, block.post_attention_layernorm, h, f"{prefix}.post_attention_layernorm", eps)
         h = graph.op1("Add", [h, mlp(graph, block, x, prefix)], f"{prefix}/mlp_residual")
     x = rms_norm(graph, model.model.norm, h, "model.norm", eps)
-    head = model.lm_head
+    head = model.lm_head if lm_head_bits is None else quantized_head(model, lm_head_bits)
     if _tied(model) and not _is_quantized(head):
         y = graph.op1("FusedMatMul", [x, embed], "lm_head/MatMul", MS_DOMAIN, transB=1)
     else:
@@ -687,14 +854,15 @@ def _onnx() -> Any:
     return onnx
 
 
-def model_proto(model: nn.Module) -> Any:
-    """The ONNX ``ModelProto`` of ``model`` (tensors inline; :func:`write` moves them out)."""
+def model_proto(model: nn.Module, lm_head_bits: int | None = None) -> Any:
+    """The ONNX ``ModelProto`` of ``model`` (tensors inline; :func:`write` moves them out;
+    ``lm_head_bits``: see :func:`write`)."""
     import qcore
 
     onnx = _onnx()
     helper, TP = onnx.helper, onnx.TensorProto
     config = model.config
-    graph = build_graph(model)
+    graph = build_graph(model, lm_head_bits)
     kv, dim = _kv_heads(config), head_dim(config)
     inputs = [helper.make_tensor_value_info(INPUT_NAMES["input_ids"], TP.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info(INPUT_NAMES["attention_mask"], TP.INT64,
@@ -745,18 +913,24 @@ def genai_config(model: nn.Module) -> dict[str, Any]:
 
 
 # -- write ----------------------------------------------------------------------------------------
-def write(model: nn.Module, target: Path, tokenizer: Any = None) -> None:
-    """Write ``model`` into the folder ``target`` (see the module docstring)."""
+def write(model: nn.Module, target: Path, tokenizer: Any = None, *, lm_head_bits: int | None = None) -> None:
+    """Write ``model`` into the folder ``target`` (see the module docstring).
+
+    ``lm_head_bits``: None writes a float LM head as it is (float32); 8 or 4 quantize it here with
+    symmetric RTN (:func:`quantized_head`) and write it as MatMulNBits (the embedding's Gather still
+    reads the float table): less read per generated token, no longer qcore's logits. With
+    :data:`ACCURACY_LEVEL` 0, onnxruntime's CPU runs 8-bit MatMulNBits slower than the float head
+    (see the module docstring); 4 bits are the fast choice there."""
     from qcore.checkpoint.atomic import write_json
     from qcore.formats import ExportError
     from qcore.formats import compressed_tensors as ct
 
-    reasons = check(model)
+    reasons = check(model, lm_head_bits=lm_head_bits)
     if reasons:
         raise ExportError(f"format {FORMAT!r} cannot hold this model: " + "; ".join(reasons))
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    proto = model_proto(model)
+    proto = model_proto(model, lm_head_bits)
     _onnx().save_model(proto, str(target / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
                        location=DATA_FILE, size_threshold=INLINE_BYTES)
     write_json(target / GENAI_CONFIG_FILE, genai_config(model))
@@ -767,7 +941,8 @@ def write(model: nn.Module, target: Path, tokenizer: Any = None) -> None:
                        "pass tokenizer= (the CLI exports the checkpoint's own)")
     counts = _op_counts(proto.graph.node)
     logger.info("onnx: wrote %s (%s)", target / MODEL_FILE,
-                ", ".join(f"{n} x {op}" for op, n in sorted(counts.items()) if op in ("MatMulNBits", "FusedMatMul")))
+                ", ".join(f"{n} x {op}" for op, n in sorted(counts.items())
+                          if op in ("MatMulNBits", "MatMulInteger", "FusedMatMul")))
     if not ct.quantized_layers(model):
         logger.info("onnx: the model has no quantized layers: every linear is written in float32")
 

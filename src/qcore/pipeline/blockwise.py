@@ -40,15 +40,38 @@ if TYPE_CHECKING:
 
 
 # -- moving modules between the files and meta ------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None (another C library, another OS)."""
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter: the allocation size from which ``malloc`` maps fresh pages."""
+LARGE_ALLOCATION = 1 << 20
+"""Allocations of this many bytes or more get their own pages in a streamed run (see
+:func:`map_large_allocations`)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _libc(name: str) -> Callable[..., int] | None:
+    """A glibc function (``malloc_trim``, ``mallopt``), or None (another C library, another OS)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+        return getattr(ctypes.CDLL("libc.so.6"), name, None)
     except OSError:
         return None
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return _libc("malloc_trim")
+
+
+def map_large_allocations() -> None:
+    """Have glibc serve every allocation of :data:`LARGE_ALLOCATION` bytes or more (weights,
+    Hessians, activations) from pages of its own, returned to the OS when freed. By default glibc
+    raises that threshold to 32 MB as it sees large blocks freed and then carves them from its
+    heap, where one block's leftovers fragment the next block's space: peak memory then grows with
+    depth even with :func:`return_freed_memory` after each block. Process-wide and kept after the
+    run; a no-op off glibc."""
+    mallopt = _libc("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION)
 
 
 def return_freed_memory() -> None:
@@ -234,6 +257,7 @@ def blockwise_logits(lazy: LazyModel, windows: Tensor, batch_size: int,
     from qcore.data import CalibrationData
     from qcore.pipeline.capture import block_inputs, capture_inputs, first_tensor
 
+    map_large_allocations()
     model = lazy.model
     info = inspect_model(model)
     names = [b.name for b in info.blocks]

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from qcore.checkpoint.atomic import LOCK_FILE, PARTIAL_INFIX, atomic_dir, atomic_file, check_target, write_json
-from qcore.pipeline.blockwise import hook_outer, return_freed_memory, to_meta
+from qcore.pipeline.blockwise import hook_outer, map_large_allocations, return_freed_memory, to_meta
 from qcore.plugin.errors import CheckpointError, CompatibilityError, ConfigError, NonFiniteError
 from qcore.progress import get_logger
 
@@ -95,6 +95,7 @@ def quantize_streaming(src: str | os.PathLike[str], method: str | Sequence[str],
 
     from qcore.checkpoint.streaming import InputShards
 
+    map_large_allocations()
     shards = InputShards(root)
     model, tok = _skeleton(root, dtype)
     from qcore.compat import check_chain

@@ -58,8 +58,8 @@ class BrecqConfig(WeightQuantConfig):
     """Quantize every quantized linear's input at run time to this many bits (W4A8: 8, W4A4: 4;
     symmetric grid), its step size learned jointly with the rounding (LSQ); None: weights only."""
     a_dynamic: bool = False
-    """Activation grids: one static step per linear (False), or per-token steps covering a learned
-    fraction (clip ratio) of each token's range (True)."""
+    """Activation grids: one static step per linear (False), or per-token steps covering a fraction
+    (clip ratio) of each token's range (True)."""
     a_learn: bool | None = None
     """Learn the activation steps (True) or keep the initial ones (False: the clip ratio with the
     smallest quantization error on the linear's calibration inputs). None: learn static steps,

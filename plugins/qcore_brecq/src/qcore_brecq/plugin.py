@@ -25,7 +25,7 @@ SPEC = MethodSpec(
              "about batch_tokens calibration tokens per step; a step costs about three block forwards on them"),
             "loss='fisher' adds a gradient pass of the model's loss before the block pass",
             ("a_bits: activation quantization (W4A8, W4A4) with step sizes learned with the rounding (LSQ): "
-             "static per-tensor steps, or per-token grids with a learned clip ratio (a_dynamic)"),
+             "static per-tensor steps, or per-token grids with a searched clip ratio (a_dynamic)"),
         ),
     ),
 )
