@@ -56,6 +56,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qcore.formats.packed import QCORE_HINT
+
 KIND = "file"
 FORMAT = "gguf"
 BLOCK = 32
@@ -67,7 +69,6 @@ FP16_TINY = 2.0 ** -25
 """Largest float16 rounding error of a subnormal value (half its spacing, 2**-24)."""
 FIX_GROUP = "quantize with --group-size 32, 64 or 128 (group_size=32/64/128)"
 FIX_BITS = "quantize with bits=4 (Q4_0 / Q4_1) or bits=8 --sym (Q8_0)"
-QCORE_HINT = "qcore's own format (qcore.save) holds it"
 
 logger = logging.getLogger(__name__)
 

@@ -105,6 +105,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qcore.formats.packed import QCORE_HINT
+
 KIND = "dir"
 FORMAT = "onnx"
 MODEL_FILE = "model.onnx"
@@ -145,8 +147,7 @@ INPUT_NAMES = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 LOGITS = "logits"
-QCORE_HINT = "qcore's own format (qcore.save) holds it"
-OTHER_FORMATS = "compressed-tensors (any transformers architecture) or qcore's own format (qcore.save) holds it"
+OTHER_FORMATS = f"compressed-tensors (any transformers architecture) or {QCORE_HINT}"
 FIX_GROUP = "quantize with --group-size 32, 64 or 128 (a power of two from 16)"
 
 logger = logging.getLogger(__name__)
