@@ -5,7 +5,10 @@ copies (RTN, group 32 and 64: no calibration, the same packed format and kernels
 method produces), then decodes ``--new-tokens`` tokens greedily with the KV cache after a fixed
 prompt, round-robin over the variants for ``--rounds`` rounds, and prints tokens/s (median) and
 the speedup over float32. The prompt is prefilled once per generate call and its time is
-included; ``--new-tokens`` large against the prompt keeps decode dominant.
+included; ``--new-tokens`` large against the prompt keeps decode dominant. The prefill columns time
+one forward pass over a ``--prefill-tokens`` prompt (512 fixed token ids, seed 0) in the same
+round-robin, as tokens/s and against float32 and bfloat16 (batched matmuls: 512 activation rows
+per linear, the paths ``int4_native`` measured for that).
 
 ``--quarot G`` adds QuaRot W4A16 copies (RTN weights, group ``G``) with and without R4, the online
 Hadamard on every down projection's input (``r4=False``): their ratio is R4's decode cost.
@@ -81,6 +84,13 @@ def decode_seconds(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tupl
     return time.perf_counter() - start, out[0, ids.shape[1]:]
 
 
+@torch.no_grad()
+def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -94,6 +104,7 @@ def main() -> None:
     ap.add_argument("--quarot", type=int, default=None, metavar="G",
                     help="add QuaRot W4A16 (RTN, group G) with and without R4")
     ap.add_argument("--only-quarot", action="store_true", help="with --quarot: float32 and the QuaRot rows only")
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill columns (0: none)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,27 +117,40 @@ def main() -> None:
     if args.quarot is not None:
         models.update(quarot_variants(model, args.quarot))
     times: dict[str, list[float]] = {k: [] for k in models}
+    prefill: dict[str, list[float]] = {k: [] for k in models}
+    long_ids = torch.randint(0, model.config.vocab_size, (1, args.prefill_tokens),
+                             generator=torch.Generator().manual_seed(0))
     texts: dict[str, str] = {}
-    for name, m in models.items():  # warm-up: kernel packs, caches
+    for name, m in models.items():  # warm-up: kernel packs, measured dispatch, caches
         decode_seconds(m, ids, 4)
+        if args.prefill_tokens:
+            prefill_seconds(m, long_ids)
     for _ in range(args.rounds):
         for name, m in models.items():
             sec, toks = decode_seconds(m, ids, args.new_tokens)
             times[name].append(sec)
             texts[name] = tok.decode(toks[:24])
+            if args.prefill_tokens:
+                prefill[name].append(prefill_seconds(m, long_ids))
     base = args.new_tokens / statistics.median(times["float32"])
     rows: list[dict[str, Any]] = []
     for name, ts in times.items():
         tps = args.new_tokens / statistics.median(ts)
-        rows.append({"variant": name, "tokens/s": round(tps, 1), "vs float32": f"{tps / base:.2f}x",
-                     "backends": backend_counts(models[name]) or "-",
-                     "first tokens": texts[name][:40].replace("\n", " ")})
+        row = {"variant": name, "tokens/s": round(tps, 1), "vs float32": f"{tps / base:.2f}x"}
+        if args.prefill_tokens:
+            ptps = {k: args.prefill_tokens / statistics.median(prefill[k]) for k in prefill}
+            row["prefill tokens/s"] = round(ptps[name], 1)
+            row["prefill vs float32 / bfloat16"] = (f"{ptps[name] / ptps['float32']:.2f}x / "
+                                                    + (f"{ptps[name] / ptps['bfloat16']:.2f}x" if "bfloat16" in ptps else "-"))
+        row.update({"backends": backend_counts(models[name]) or "-",
+                    "first tokens": texts[name][:40].replace("\n", " ")})
+        rows.append(row)
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {args.threads} threads, {args.model}, prompt {ids.shape[1]} tokens, "
           f"{args.new_tokens} new tokens, median of {args.rounds} rounds, load average {load:.1f}")
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "times": times}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "times": times, "prefill": prefill}, indent=2))
 
 
 if __name__ == "__main__":

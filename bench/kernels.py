@@ -13,7 +13,11 @@ real model -- the int4 kernel then took 0.60 ms of which 0.15 ms was the cold mo
 A batch whose call does more than :data:`CHAIN_FLOP` of work is compute-bound: its chains are cut
 to as many copies as that budget holds (at least one).
 
-* ``fp32`` / ``bf16``: ``F.linear`` with a dense weight;
+* ``fp32`` / ``bf16``: ``F.linear`` with a dense weight (fp32 / bf16 activations);
+
+every quantized column is timed twice, with fp32 activations (its ratio against ``fp32``) and with
+bf16 activations, as a bf16 model feeds it (its ratio against ``bf16``);
+
 * ``int4``: QuantLinear 4-bit group-128 with the backend ``auto`` picks (``int4_native``, qcore's
   own kernel, where the CPU has AVX512-BF16 and a C compiler is found; else ``int4_cpu``);
 * ``int4_torch``: the same layer forced to ``int4_cpu`` (torch's packed int4 kernel, bf16 inside);
@@ -26,8 +30,8 @@ to as many copies as that budget holds (at least one).
 * ``ref``: dequantize-then-matmul on every call (batch 1, 4096x4096, one call; never a default).
 
 ``int4 path`` is the path the ``int4`` column's layer takes at that batch
-(``QuantLinear.kernel_path``: ``int4_native:kernel``, or ``:bf16`` / ``:fp32`` for dequantize +
-dense matmul from the crossover measured for this CPU and shape); the measured crossovers are
+(``QuantLinear.kernel_path``: ``int4_native:kernel``, ``:amx`` for the AMX kernel, or ``:bf16`` /
+``:fp32`` for dequantize + dense matmul, from the steps measured for this CPU and shape); the measured crossovers are
 printed after the table. ``--columns`` restricts the quantized columns (fp32 and bf16 always run).
 
 The batch-1 bandwidth floor is the int4 layer's resident bytes (its kernel pack: packed codes +
@@ -174,8 +178,9 @@ def bench_shape(k: int, n: int, rounds: int, bw: float, batches: list[int] = BAT
             "fp32": [(lambda wi: lambda: F.linear(x, wi))(wi) for wi in dense32[:most]],
             "bf16": [(lambda wi: lambda: F.linear(xb, wi))(wi) for wi in dense16[:most]],
         }
-        for name in specs:
+        for name in specs:  # each with fp32 activations (against fp32) and bf16 ones (against bf16)
             chains[name] = [(lambda mod: lambda: mod(x))(mod) for mod in mods[name][:most]]
+            chains[f"{name}@bf16"] = [(lambda mod: lambda: mod(xb))(mod) for mod in mods[name][:most]]
         if fbs:
             chains["fbgemm"] = [(lambda fb: lambda: fb(x))(fb) for fb in fbs[:most]]
         if m == 1:
@@ -215,13 +220,17 @@ def crossover_of(mod: QuantLinear) -> dict | None:
 def table(rows: list[dict], columns: tuple[str, ...] = (*COLUMNS, "fbgemm", "ref")) -> str:
     cols = [c for c in ["int4", "int4_torch", "int3", "int8", "w8a8", "fbgemm", "dense", "ref"] if c in columns]
     head = ("| shape (in x out) | batch | int4 path | fp32 ms | bf16 ms | "
-            + " | ".join(f"{c} ms (vs fp32 / vs bf16)" for c in cols) + " | copy GB/s | floor ms | int4 / floor |")
+            + " | ".join(f"{c} ms fp32-in / bf16-in (vs fp32 / vs bf16)" for c in cols)
+            + " | copy GB/s | floor ms | int4 / floor |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         ms = r["ms"]
         cells = [r["shape"], str(r["batch"]), r["int4_path"], f"{ms['fp32']:.2f}", f"{ms['bf16']:.2f}"]
         for c in cols:
-            if c in ms:
+            if c in ms and f"{c}@bf16" in ms:
+                b = ms[f"{c}@bf16"]
+                cells.append(f"{ms[c]:.2f} / {b:.2f} ({ms['fp32'] / ms[c]:.2f}x / {ms['bf16'] / b:.2f}x)")
+            elif c in ms:
                 cells.append(f"{ms[c]:.2f} ({ms['fp32'] / ms[c]:.2f}x / {ms['bf16'] / ms[c]:.2f}x)")
             else:
                 cells.append("-")
@@ -270,9 +279,11 @@ def main() -> None:
         if r["crossover"] and r["shape"] not in seen:
             seen.add(r["shape"])
             c = r["crossover"]
-            probes = ", ".join(f"{m}: {t} / {c['ms'].get(c['dense'], {}).get(m, '-')}" for m, t in c["ms"]["kernel"].items())
-            print(f"\n{r['shape']}: dense {c['dense']} from {c['rows']} rows on "
-                  f"(measured ms, kernel / dequantize + {c['dense']}: {probes})")
+            raced = [p for p in ("kernel", "amx", c["dense"]) if p in c["ms"]]
+            probes = ", ".join(f"{m}: " + " / ".join(str(c["ms"][p].get(m, "-")) for p in raced)
+                               for m in sorted({m for p in raced for m in c["ms"][p]}, key=int))
+            steps = ", ".join(f"{p} from {m}" for m, p in c["steps"])
+            print(f"\n{r['shape']}: {steps} rows (measured ms, {' / '.join(raced)}: {probes})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"clock": args.clock, "threads": args.threads, "copy_bandwidth_Bps": bw, "read_bandwidth_Bps": read_bw,

@@ -12,7 +12,7 @@ import torch
 
 from qcore.quant import native
 from qcore.quant.backends import _dispatch, int4_native
-from qcore.quant.backends._dispatch import DENSE_BF16, DENSE_FP32, KERNEL, CrossoverTable, measure
+from qcore.quant.backends._dispatch import AMX, DENSE_BF16, DENSE_FP32, KERNEL, Crossover, CrossoverTable, measure
 from qcore.quant.backends.int4_cpu import has_int4_cpu
 from qcore.quant.linear import BACKEND_RTOL, QuantLinear
 from qcore.quant.primitives import quantize_rtn
@@ -46,6 +46,29 @@ def test_measure_extrapolates_past_the_last_probe_or_never_switches() -> None:
     timer = linear_timer({KERNEL: (0.0, 0.1), DENSE_BF16: (10.0, 0.2), DENSE_FP32: (20.0, 0.2)})
     found = measure(timer)
     assert found.rows is None and found.path(10**6) == KERNEL
+
+
+def test_measure_races_two_kernels_and_drops_the_one_far_behind() -> None:
+    calls: list[tuple[str, int]] = []
+    cost = linear_timer({KERNEL: (0.5, 1.0), AMX: (5.0, 0.1), DENSE_BF16: (30.0, 0.05), DENSE_FP32: (30.0, 0.5)})
+
+    def timer(path: str, rows: int) -> float:
+        calls.append((path, rows))
+        return cost(path, rows)
+
+    found = measure(timer, kernels=(KERNEL, AMX))
+    assert found.steps == ((1, KERNEL), (8, AMX), (512, DENSE_BF16)) and found.rows == 512
+    assert [found.path(m) for m in (1, 7, 8, 511, 512, 10**6)] == [KERNEL, KERNEL, AMX, AMX, DENSE_BF16, DENSE_BF16]
+    assert max(m for p, m in calls if p == KERNEL) == 32  # 32.5 ms > 3 x 8.2 ms: not timed again
+    assert max(m for p, m in calls if p == AMX) == 1024  # stopped once the dense path won twice
+    again = Crossover.from_json(json.loads(json.dumps(found.to_json())))
+    assert again.steps == found.steps and again.dense == found.dense
+
+
+@pytest.mark.parametrize("steps", [[], [[2, "kernel"]], [[1, "kernel"], [1, "bf16"]], [[1, "tiles"]]])
+def test_bad_table_entries_are_refused(steps: list) -> None:
+    with pytest.raises(ValueError, match="bad crossover entry"):
+        Crossover.from_json({"steps": steps, "dense": DENSE_BF16})
 
 
 def test_dense_from_one_row_when_it_always_wins() -> None:
@@ -94,7 +117,7 @@ def test_forced_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert found.path(1) == DENSE_FP32
     monkeypatch.setenv(_dispatch.ENV_PATH, "auto")
     assert found.path(1) == KERNEL
-    monkeypatch.setenv(_dispatch.ENV_PATH, "amx")
+    monkeypatch.setenv(_dispatch.ENV_PATH, "tiles")
     with pytest.raises(ValueError, match="QCORE_INT4_PATH"):
         found.path(1)
 
@@ -156,9 +179,10 @@ def test_measured_at_first_use_beside_the_library_and_reused(fresh_cache: Path) 
     entries = json.loads(table.read_text())["entries"]
     key = int4_native.crossover_key(n, k, 128)
     assert list(entries) == [key]
-    rows = entries[key]["rows"]
-    for m, p in paths.items():  # the path switches at the recorded crossover
-        assert p.split(":")[1] == (KERNEL if rows is None or m < rows else entries[key]["dense"])
+    steps = entries[key]["steps"]
+    assert steps[0][0] == 1
+    for m, p in paths.items():  # the path switches at the recorded steps
+        assert p.split(":")[1] == [path for start, path in steps if start <= m][-1]
     x = torch.randn(70, k)
     assert rel(mod(x), x @ mod.dequantize_weight().t()) < BACKEND_RTOL
     stamp = table.stat().st_mtime_ns
@@ -186,9 +210,9 @@ def test_crossover_follows_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> 
     """(No compiled library needed.) One crossover per thread count, looked up again when it changes."""
     keys: list[str] = []
 
-    def fake_get(key: str, timer: Callable[[str, int], float]) -> _dispatch.Crossover:
+    def fake_get(key: str, timer: Callable[[str, int], float], kernels: tuple[str, ...]) -> _dispatch.Crossover:
         keys.append(key)
-        return _dispatch.Crossover(len(keys), DENSE_BF16)
+        return _dispatch.Crossover(((1, KERNEL), (len(keys) + 1, DENSE_BF16)), DENSE_BF16)
 
     monkeypatch.setattr(int4_native.CROSSOVERS, "get", fake_get)
     qw = quantize_rtn(torch.randn(64, 256), 4, 64, False)
@@ -196,9 +220,9 @@ def test_crossover_follows_the_thread_count(monkeypatch: pytest.MonkeyPatch) -> 
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert int4_native.native_crossover(pack, 256).rows == 1
-        assert int4_native.native_crossover(pack, 256).rows == 1 and keys == ["64x256:g64:t1"]
+        assert int4_native.native_crossover(pack, 256).rows == 2
+        assert int4_native.native_crossover(pack, 256).rows == 2 and keys == ["64x256:g64:t1"]
         torch.set_num_threads(2)
-        assert int4_native.native_crossover(pack, 256).rows == 2 and keys[-1] == "64x256:g64:t2"
+        assert int4_native.native_crossover(pack, 256).rows == 3 and keys[-1] == "64x256:g64:t2"
     finally:
         torch.set_num_threads(threads)

@@ -471,3 +471,26 @@ def test_info_plot_without_matplotlib_says_how_to_install(tmp_path: Path, monkey
     err = capsys.readouterr().err
     assert "needs matplotlib" in err and "pip install matplotlib" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_info_kernels_shows_the_path_each_batch_takes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``qcore info DIR --kernels``: one entry per layer shape, each path the one the loaded layer takes."""
+    import qcore
+    from qcore.quant.linear import QuantLinear
+    from qcore.quant.paths import ROWS
+
+    path, (model, _) = _rtn_checkpoint(tmp_path)
+    assert main(["info", str(path), "--kernels", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)["kernel_paths"]
+    layers = [m for m in qcore.load(path).modules() if isinstance(m, QuantLinear)]
+    shapes = {(m.out_features, m.in_features) for m in layers}
+    assert sorted(e["shape"] for e in entries) == sorted(f"{n}x{k}" for n, k in shapes)
+    assert sum(e["layers"] for e in entries) == len(layers) == 14
+    for e in entries:
+        layer = next(m for m in layers if f"{m.out_features}x{m.in_features}" == e["shape"])
+        assert e["bits"] == 3 and e["group_size"] == 32
+        assert e["paths"] == {str(m): layer.kernel_path(m) for m in ROWS}
+    assert main(["info", str(path), "--kernels"]) == 0
+    text = capsys.readouterr().out
+    assert "kernel path per activation rows" in text
+    assert all(e["paths"]["1"].partition(":")[0] in text for e in entries)  # the backend column

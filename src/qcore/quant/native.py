@@ -1,4 +1,5 @@
-"""qcore's own compiled CPU kernel (``q4_avx512.c``): a 4-bit matmul for CPUs with AVX512-BF16.
+"""qcore's own compiled CPU kernels (``q4_avx512.c``): a 4-bit matmul for CPUs with AVX512-BF16,
+and for batches on CPUs with AMX-BF16 a tiled one (:func:`q4_amx`, :func:`amx_unavailable_reason`).
 
 Built on first use with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native
 -fopenmp``, about a second) into ``$QCORE_CACHE_DIR`` (default ``~/.cache/qcore``), keyed by
@@ -38,7 +39,7 @@ log = get_logger("qcore.quant.native")
 
 SOURCE = Path(__file__).with_name("q4_avx512.c")
 CFLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-ABI = 2
+ABI = 3
 ROWS = 64
 """Output rows per supertile (out_features is padded to a multiple of this inside the pack)."""
 SLICE = 32
@@ -153,9 +154,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"stale library (ABI {lib.qc_abi()}, expected {ABI}); delete {cache_dir()}"
     if not lib.qc_supported():
         return None, "this CPU has no AVX512-BF16"
-    for name in ("qc_q4_gemv", "qc_q4_dequant_bf16"):
+    for name in ("qc_q4_gemv", "qc_q4_dequant_bf16", "qc_q4_amx"):
         getattr(lib, name).restype = None
     lib.qc_q4_gemv.argtypes = [_ptr] * 5 + [_c_int] * 5
+    lib.qc_q4_amx.argtypes = [_ptr] * 5 + [_c_int] * 5
     lib.qc_q4_dequant_bf16.argtypes = [_ptr] * 4 + [_c_int] * 4
     _built[:] = [path]
     return lib, None
@@ -175,6 +177,21 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return _load()[0] is not None
+
+
+@functools.lru_cache(maxsize=1)
+def amx_unavailable_reason() -> str | None:
+    """Why the AMX kernel (:func:`q4_amx`) cannot run here (None when it can)."""
+    lib, reason = _load()
+    if lib is None:
+        return reason
+    if not lib.qc_amx_supported():
+        return "this CPU has no AMX-BF16 (or the operating system refused AMX state)"
+    return None
+
+
+def amx_available() -> bool:
+    return amx_unavailable_reason() is None
 
 
 def dispatch_table_path() -> Path:
@@ -229,6 +246,29 @@ def q4_mm(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, group_size: i
     lib.qc_q4_gemv(words.data_ptr(), scales.data_ptr(), zeros.data_ptr(), x.data_ptr(), y.data_ptr(), m,
                    y.shape[1], k, k if group_size == -1 else group_size, torch.get_num_threads())
     return y if y.shape[1] == n else y[:, :n]
+
+
+AMX_ROWS = 16
+"""The AMX kernel's activation rows per tile (a batch is padded to a multiple of this)."""
+
+
+def q4_amx(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, group_size: int, n: int) -> Tensor:
+    """:func:`q4_mm` on AMX tiles (the weight dequantized panel by panel into bf16, as
+    :func:`q4_dequant_bf16` writes it; bf16 activations, fp32 accumulation)."""
+    lib = _lib()
+    why = amx_unavailable_reason()
+    if why is not None:
+        raise RuntimeError(f"qcore's AMX kernel is unavailable: {why}")
+    m, k = x.shape
+    mp = -(-m // AMX_ROWS) * AMX_ROWS
+    xb = x.to(torch.bfloat16)
+    if mp != m:
+        xb = torch.nn.functional.pad(xb, (0, 0, 0, mp - m))
+    xb = xb.contiguous()
+    y = torch.empty(mp, padded_rows(n), dtype=torch.float32)
+    lib.qc_q4_amx(words.data_ptr(), scales.data_ptr(), zeros.data_ptr(), xb.data_ptr(), y.data_ptr(), mp,
+                  y.shape[1], k, k if group_size == -1 else group_size, torch.get_num_threads())
+    return y[:m, :n] if (mp, y.shape[1]) != (m, n) else y
 
 
 def q4_dequant_bf16(words: Tensor, scales: Tensor, zeros: Tensor, group_size: int, n: int, k: int,

@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define QC_ABI 2
+#define QC_ABI 3
 #define QC_ROWS 64
 #ifndef QC_PREFETCH
 #define QC_PREFETCH 8 /* octets ahead (an octet of a supertile is 256 bytes) */
@@ -186,6 +186,39 @@ void qc_q4_gemv(const uint16_t *w, const uint16_t *s, const uint16_t *z, const f
   free(xs);
 }
 
+/* one group's scales and zeros for the 16 rows of tile u (lane r = row r), as the two constants of
+   octet_pairs: s16 = 16 s and c = s (z + 16), both exact in fp32 (bf16 s and z) */
+typedef struct { __m512 s16, c; } group_sz;
+
+static inline group_sz load_group(const uint16_t *s, const uint16_t *z, int t, int ng, int g, int u) {
+  __m512 sv = load_bf16x16(s + ((size_t)t * ng + g) * QC_ROWS + 16 * u);
+  __m512 zv = load_bf16x16(z + ((size_t)t * ng + g) * QC_ROWS + 16 * u);
+  __m512 s16 = _mm512_mul_ps(sv, _mm512_set1_ps(16.f));
+  group_sz gs = {s16, _mm512_fmadd_ps(sv, zv, s16)};
+  return gs;
+}
+
+/* nibble at bit `at` of each 32-bit lane -> the fp32 1 + q / 16 (exact: q in mantissa bits 19..22) */
+static inline __m512 nibble_f32(__m512i v, int at) {
+  const __m512i mask = _mm512_set1_epi32(0xF << 19), one = _mm512_set1_epi32(0x3F800000);
+  __m512i q = at <= 19 ? _mm512_slli_epi32(v, 19 - at) : _mm512_srli_epi32(v, at - 19);
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(q, mask, one, 0xEA)); /* (q & mask) | one */
+}
+
+/* one tile's octet (uint16 lanes of 4 nibbles; 32-bit lane r holds row r's columns 2j and 2j + 1 in
+   nibble j of its low and high half) -> pairs[j]: 32-bit lane r = row r's bf16 weights s * (q - z)
+   at columns 2j, 2j + 1 (a row of an AMX B tile in VNNI order). (1 + q / 16) * 16 s - s (z + 16)
+   is s (q - z) exactly before its one rounding, as (q - z) * s is: the same bits. */
+static inline void octet_pairs(__m512i v, const group_sz *gs, __m512i pairs[4]) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                              23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int j = 0; j < 4; j++) {
+    __m512 lo = _mm512_fmsub_ps(nibble_f32(v, 4 * j), gs->s16, gs->c);
+    __m512 hi = _mm512_fmsub_ps(nibble_f32(v, 16 + 4 * j), gs->s16, gs->c);
+    pairs[j] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
 /* out [N, K] bf16 = s * (q - z), for batches where a dense bf16 matmul beats the kernel. A tile's
    16 output rows are K * 2 bytes apart (the same L1 set for K a multiple of 2048): four octets
    (32 columns, one 64-byte line per row) are assembled in a 1 KiB local tile and then stored as
@@ -193,32 +226,18 @@ void qc_q4_gemv(const uint16_t *w, const uint16_t *s, const uint16_t *z, const f
 void qc_q4_dequant_bf16(const uint16_t *w, const uint16_t *s, const uint16_t *z, uint16_t *out,
                         int N, int K, int G, int nthreads) {
   const int ng = K / G, noct = K / 8, supertiles = N / QC_ROWS;
-  /* lanes 0..15 of a nibble vector are rows 0..7 (two columns each), lanes 16..31 rows 8..15 */
-  const __m512i lo_rows = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i hi_rows = _mm512_add_epi32(lo_rows, _mm512_set1_epi32(8));
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int t = 0; t < supertiles; t++) {
-    const __m512i lo4 = _mm512_set1_epi16(0x000F);
     uint16_t tile[16][32] __attribute__((aligned(64))); /* 16 rows x 4 octets */
     for (int u = 0; u < 4; u++) {
       const size_t row0 = (size_t)t * QC_ROWS + 16 * u;
       for (int g = 0; g < ng; g++) {
-        __m512 sv = load_bf16x16(s + ((size_t)t * ng + g) * QC_ROWS + 16 * u);
-        __m512 zv = load_bf16x16(z + ((size_t)t * ng + g) * QC_ROWS + 16 * u);
-        __m512 s_lo = _mm512_permutexvar_ps(lo_rows, sv), s_hi = _mm512_permutexvar_ps(hi_rows, sv);
-        __m512 z_lo = _mm512_permutexvar_ps(lo_rows, zv), z_hi = _mm512_permutexvar_ps(hi_rows, zv);
+        group_sz gs = load_group(s, z, t, ng, g, u);
         for (int c0 = g * (G / 8); c0 < (g + 1) * (G / 8); c0 += 4) { /* G % 32 == 0 */
           for (int cc = 0; cc < 4; cc++) {
             __m512i v = _mm512_loadu_si512(w + ((size_t)t * noct + c0 + cc) * QC_ROWS * 2 + 32 * u);
-            __m512i pairs[4]; /* pairs[j]: 32-bit lane r = row r's bf16 values at columns 2j, 2j+1 */
-            for (int j = 0; j < 4; j++) {
-              __m512i q = _mm512_and_si512(j ? _mm512_srli_epi16(v, 4 * j) : v, lo4);
-              __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(q)));
-              __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(q, 1)));
-              lo = _mm512_mul_ps(_mm512_sub_ps(lo, z_lo), s_lo);
-              hi = _mm512_mul_ps(_mm512_sub_ps(hi, z_hi), s_hi);
-              pairs[j] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-            }
+            __m512i pairs[4];
+            octet_pairs(v, &gs, pairs);
             /* transpose 4 x 16 dwords so each row's 8 columns are one 128-bit lane */
             __m512i t0 = _mm512_unpacklo_epi32(pairs[0], pairs[1]), t1 = _mm512_unpackhi_epi32(pairs[0], pairs[1]);
             __m512i t2 = _mm512_unpacklo_epi32(pairs[2], pairs[3]), t3 = _mm512_unpackhi_epi32(pairs[2], pairs[3]);
@@ -239,8 +258,142 @@ void qc_q4_dequant_bf16(const uint16_t *w, const uint16_t *s, const uint16_t *z,
   }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* AMX (Intel Sapphire Rapids and newer): batches as tiles. For each supertile of 64 output rows,
+   the weights are dequantized (octet_pairs, the same values as qc_q4_dequant_bf16) into four B
+   panels of VNNI rows (K * 32 bytes each, held in L2) once per QC_MC activation rows; 16 or 32
+   activation rows at a time then run TDPBF16PS over the whole of K, 2 x 2 tiles, with the fp32
+   accumulators in tiles until they are stored into y.
+   The linux kernel hands out AMX state on request (arch_prctl); without it, or on a CPU without
+   AMX, qc_amx_supported() returns 0. */
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#ifndef QC_MC
+#define QC_MC 256 /* activation rows per panel reuse */
+#endif
+#define QC_ARCH_REQ_XCOMP_PERM 0x1023
+#define QC_XFEATURE_XTILEDATA 18
+
+int qc_amx_supported(void) {
+  static int ok = -1;
+  if (ok < 0) ok = syscall(SYS_arch_prctl, QC_ARCH_REQ_XCOMP_PERM, QC_XFEATURE_XTILEDATA) == 0;
+  return ok;
+}
+
+typedef struct {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} qc_tilecfg;
+
+/* tiles 0, 1: activations (16 rows x 32 bf16); 2, 3: weight panels (16 column pairs x 16 rows);
+   4..7: fp32 accumulators (16 activation rows x 16 output rows) */
+static void amx_config(void) {
+  qc_tilecfg cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int i = 0; i < 8; i++) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+/* supertile t -> four panels (tile u at panel + u * K * 8): VNNI rows 4 c + j of 16 dwords each,
+   read as one sequential stream with the next octets prefetched */
+static void build_panels(const uint16_t *w, const uint16_t *s, const uint16_t *z, int K, int G, int t,
+                         uint32_t *panel) {
+  const int ng = K / G, noct = K / 8;
+  const uint16_t *tw = w + (size_t)t * noct * QC_ROWS * 2;
+  group_sz gs[4];
+  for (int c = 0; c < noct; c++) {
+    if ((8 * c) % G == 0)
+      for (int u = 0; u < 4; u++) gs[u] = load_group(s, z, t, ng, (8 * c) / G, u);
+    const uint16_t *p = tw + (size_t)c * QC_ROWS * 2;
+    prefetch_octet(p);
+    for (int u = 0; u < 4; u++) {
+      __m512i pairs[4];
+      octet_pairs(_mm512_loadu_si512(p + 32 * u), &gs[u], pairs);
+      uint32_t *row = panel + (size_t)u * K * 8 + (size_t)c * 64;
+      for (int j = 0; j < 4; j++) _mm512_store_si512(row + 16 * j, pairs[j]);
+    }
+  }
+}
+
+/* output tiles u0, u0 + 1 of a supertile for activation rows [m0, m1): 2 x 2 tiles over all of K */
+static void amx_rows(const uint32_t *panel0, const uint32_t *panel1, const uint16_t *xb, float *y, int m0,
+                     int m1, int N, int K) {
+  const size_t xs = (size_t)K * 2, ys = (size_t)N * 4;
+  for (int m = m0; m < m1; m += 32) {
+    float *yb = y + (size_t)m * N;
+    const uint16_t *xa = xb + (size_t)m * K;
+    _tile_zero(4);
+    _tile_zero(5);
+    if (m + 16 < m1) {
+      _tile_zero(6);
+      _tile_zero(7);
+      for (int k = 0; k < K; k += 32) {
+        _tile_loadd(2, panel0 + k / 2 * 16, 64);
+        _tile_loadd(3, panel1 + k / 2 * 16, 64);
+        _tile_loadd(0, xa + k, xs);
+        _tile_loadd(1, xa + 16 * (size_t)K + k, xs);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_dpbf16ps(5, 0, 3);
+        _tile_dpbf16ps(6, 1, 2);
+        _tile_dpbf16ps(7, 1, 3);
+      }
+      _tile_stored(6, yb + 16 * (size_t)N, ys);
+      _tile_stored(7, yb + 16 * (size_t)N + 16, ys);
+    } else {
+      for (int k = 0; k < K; k += 32) {
+        _tile_loadd(2, panel0 + k / 2 * 16, 64);
+        _tile_loadd(3, panel1 + k / 2 * 16, 64);
+        _tile_loadd(0, xa + k, xs);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_dpbf16ps(5, 0, 3);
+      }
+    }
+    _tile_stored(4, yb, ys);
+    _tile_stored(5, yb + 16, ys);
+  }
+}
+
+/* y [M, N] fp32 = xb [M, K] (bf16 bits) @ w_hat.T; M % 16 == 0, N % 64 == 0, K % 32 == 0 */
+void qc_q4_amx(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint16_t *xb, float *y,
+               int M, int N, int K, int G, int nthreads) {
+  const int supertiles = N / QC_ROWS;
+  if (!qc_amx_supported()) abort(); /* requests the AMX state on first use */
+#pragma omp parallel num_threads(nthreads)
+  {
+    uint32_t *panel = (uint32_t *)aligned_alloc(64, (size_t)K * 128);
+    amx_config();
+#pragma omp for schedule(dynamic, 1)
+    for (int t = 0; t < supertiles; t++) {
+      for (int m0 = 0; m0 < M; m0 += QC_MC) {
+        const int m1 = m0 + QC_MC < M ? m0 + QC_MC : M;
+        build_panels(w, s, z, K, G, t, panel);
+        float *yt = y + (size_t)t * QC_ROWS;
+        amx_rows(panel, panel + (size_t)K * 8, xb, yt, m0, m1, N, K);
+        amx_rows(panel + (size_t)K * 16, panel + (size_t)K * 24, xb, yt + 32, m0, m1, N, K);
+      }
+    }
+    free(panel);
+
+    _tile_release();
+  }
+}
+#else
+int qc_amx_supported(void) { return 0; }
+void qc_q4_amx(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint16_t *xb, float *y,
+               int M, int N, int K, int G, int nthreads) { abort(); }
+#endif
+
 #else
 int qc_supported(void) { return 0; }
+int qc_amx_supported(void) { return 0; }
+void qc_q4_amx(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint16_t *xb, float *y,
+               int M, int N, int K, int G, int nthreads) { abort(); }
 void qc_q4_gemv(const uint16_t *w, const uint16_t *s, const uint16_t *z, const float *x, float *y,
                 int M, int N, int K, int G, int nthreads) { abort(); }
 void qc_q4_dequant_bf16(const uint16_t *w, const uint16_t *s, const uint16_t *z, uint16_t *out,

@@ -2,11 +2,13 @@
 
 Codes in a tiled layout that streams sequentially, bf16 scales/zeros (the stored values), bf16
 activations with fp32 accumulation, output rows in the vector lanes; each unpacked weight vector
-is used for up to 4 activation rows. Which path a call takes is measured per CPU, thread count and
-shape (:mod:`qcore.quant.backends._dispatch`): the kernel below the measured crossover, from it on
-the weight dequantized (C routine) into a per-thread scratch buffer reused by every layer, then the
-faster of oneDNN's bf16 matmul (AMX where the CPU has it) and an fp32 matmul. The crossovers live
-in a JSON table beside the compiled library. The pack holds the codes (and the scales and zeros
+is used for up to 4 activation rows. On CPUs with AMX-BF16 a second kernel (:func:`qcore.quant.native.q4_amx`)
+dequantizes the weight panel by panel into AMX tiles for batches. Which path a call takes is
+measured per CPU, thread count and shape (:mod:`qcore.quant.backends._dispatch`): the kernel at
+a few rows, the AMX kernel where it wins, and from the measured crossover on the weight
+dequantized (C routine) into a per-thread scratch buffer reused by every layer, then the faster of
+oneDNN's bf16 matmul and an fp32 matmul. The crossovers live in a JSON table beside the compiled
+library. The pack holds the codes (and the scales and zeros
 when they are bf16), so the layer's buffers are released while it lives, as with ``int4_cpu``.
 """
 from __future__ import annotations
@@ -113,6 +115,8 @@ def _run(x: Tensor, pack: NativeQ4Pack, path: str) -> Tensor:
     """``x [M, K] -> [M, N]`` (x already permuted) on ``path``; float32 or bf16 out."""
     if path == _dispatch.KERNEL:
         return native.q4_mm(x, pack.words, pack.scales, pack.zeros, pack.group, pack.n)
+    if path == _dispatch.AMX:
+        return native.q4_amx(x, pack.words, pack.scales, pack.zeros, pack.group, pack.n)
     dtype = torch.bfloat16 if path == _dispatch.DENSE_BF16 else torch.float32
     return torch.nn.functional.linear(x.to(dtype), dequantize_native(pack, x.shape[-1], dtype))
 
@@ -132,10 +136,12 @@ def native_crossover(pack: NativeQ4Pack, k: int) -> Crossover:
             _run(inputs[rows], pack, path)
             return time.perf_counter() - t
 
+        kernels = (_dispatch.KERNEL, _dispatch.AMX) if native.amx_available() else (_dispatch.KERNEL,)
         with torch.inference_mode():
-            found = CROSSOVERS.get(crossover_key(pack.n, k, pack.group), timer)
-        if found.dense != _dispatch.DENSE_FP32:
-            _scratch.buf_float32 = None  # only the timing used it
+            found = CROSSOVERS.get(crossover_key(pack.n, k, pack.group), timer, kernels)
+        for dense, buffer in ((_dispatch.DENSE_BF16, "buf_bfloat16"), (_dispatch.DENSE_FP32, "buf_float32")):
+            if all(path != dense for _, path in found.steps):
+                setattr(_scratch, buffer, None)  # a scratch buffer only the timing used
         pack.crossover = (threads, found)
     return pack.crossover[1]
 
