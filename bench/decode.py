@@ -10,6 +10,18 @@ one forward pass over a ``--prefill-tokens`` prompt (512 fixed token ids, seed 0
 round-robin, as tokens/s and against float32 and bfloat16 (batched matmuls: 512 activation rows
 per linear, the paths ``int4_native`` measured for that).
 
+Each 4-bit group also runs as ``(rest bf16)``: the same model with its float parts (embedding,
+norms, ``lm_head``) and activations in bfloat16, as a bf16 deployment runs it (the quantized
+weights, scales and zeros are unchanged: scales are stored in bf16 already).
+
+``--profile`` then splits one greedy generation of each variant by where the time goes, per
+token: forward hooks on every module take each module's own time (its children's time taken
+out) by kind -- quantized linears, float linears, attention (its own code: rotary, scaled dot
+product, KV cache), MLP glue, norms, decoder-layer glue (residual adds), embedding, the model's own
+code -- and what is left of the wall time is ``generate`` itself (sampling, stopping, cache
+bookkeeping). The hooks add their own time (two Python calls per module call), so the profiled
+total is above the plain one.
+
 ``--quarot G`` adds QuaRot W4A16 copies (RTN weights, group ``G``) with and without R4, the online
 Hadamard on every down projection's input (``r4=False``): their ratio is R4's decode cost.
 
@@ -56,6 +68,7 @@ def variants(model: nn.Module, groups: list[int], torch_kernel: bool) -> dict[st
         q = copy.deepcopy(model)
         qcore.quantize(q, "rtn", bits=4, group_size=g)
         out[f"rtn w4 g{g}"] = q
+        out[f"rtn w4 g{g} (rest bf16)"] = copy.deepcopy(q).to(torch.bfloat16)
         if torch_kernel and "int4_native" in backend_counts(q):
             t = copy.deepcopy(q)
             for m in t.modules():
@@ -91,6 +104,48 @@ def prefill_seconds(model: nn.Module, ids: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def module_kind(module: nn.Module) -> str:
+    """The profile bucket of a module, by its class."""
+    name = type(module).__name__
+    if isinstance(module, QuantLinear):
+        return "quantized linears"
+    if isinstance(module, nn.Linear):
+        return "float linears"
+    for part, kind in (("Norm", "norms"), ("Rotary", "rotary"), ("Attention", "attention"), ("MLP", "MLP glue"),
+                       ("DecoderLayer", "layer glue"), ("Embedding", "embedding")):
+        if part in name:
+            return kind
+    return "model code"
+
+
+def profile_generation(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """Milliseconds per generated token by module kind (each module's own time), and the rest."""
+    own: dict[str, float] = {}
+    stack: list[list[float]] = []  # [start, children's time]
+
+    def pre(module: nn.Module, args: Any) -> None:
+        stack.append([time.perf_counter(), 0.0])
+
+    def post(module: nn.Module, args: Any, out: Any) -> None:
+        start, children = stack.pop()
+        elapsed = time.perf_counter() - start
+        kind = module_kind(module)
+        own[kind] = own.get(kind, 0.0) + elapsed - children
+        if stack:
+            stack[-1][1] += elapsed
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        total, _ = decode_seconds(model, ids, new_tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {k: v * 1e3 / new_tokens for k, v in sorted(own.items(), key=lambda kv: -kv[1])}
+    out["generate loop"] = total * 1e3 / new_tokens - sum(out.values())
+    out["total"] = total * 1e3 / new_tokens
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -105,6 +160,7 @@ def main() -> None:
                     help="add QuaRot W4A16 (RTN, group G) with and without R4")
     ap.add_argument("--only-quarot", action="store_true", help="with --quarot: float32 and the QuaRot rows only")
     ap.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill columns (0: none)")
+    ap.add_argument("--profile", action="store_true", help="also split one generation per variant by module kind")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -149,8 +205,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, {args.model}, prompt {ids.shape[1]} tokens, "
           f"{args.new_tokens} new tokens, median of {args.rounds} rounds, load average {load:.1f}")
     print(format_table(rows))
+    profiles: dict[str, dict[str, float]] = {}
+    if args.profile:
+        profiles = {name: profile_generation(m, ids, args.new_tokens) for name, m in models.items()}
+        kinds = sorted({k for p in profiles.values() for k in p}, key=lambda k: (k == "total", k == "generate loop",
+                                                                                -max(p.get(k, 0.0) for p in profiles.values())))
+        print("\nms per generated token, by module kind (forward hooks; each module's own time):")
+        print(format_table([{"kind": k, **{name: f"{p.get(k, 0.0):.2f}" for name, p in profiles.items()}} for k in kinds]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "times": times, "prefill": prefill}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "times": times, "prefill": prefill,
+                                               "profile_ms_per_token": profiles}, indent=2))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def test_kernel_matches_float64(bits: int, gs: int, sym: bool, rows: int, path: 
         assert rel(y, x.bfloat16().double() @ w_hat.double().t()) < 1e-4
     elif path == _dispatch.AMX:  # the weight rounded to bf16, as the dense bf16 path rounds it
         assert rel(y, x.bfloat16().double() @ w_hat.bfloat16().double().t()) < 1e-6
+        y16 = int4_native.int4_native_mm(x.bfloat16(), pack)  # bf16 out: the same sums, rounded once
+        assert y16.dtype == torch.bfloat16 and torch.equal(y16, y.bfloat16())
     else:
         assert torch.equal(native.q4_dequant_bf16(pack.words, pack.scales, pack.zeros, pack.group, n, k),
                            w_hat.bfloat16())

@@ -262,7 +262,7 @@ class QuantLinear(nn.Module):
 
     def _select(self, device: torch.device) -> KernelBackend:
         name = os.environ.get(BACKEND_ENV, "") or self.backend
-        key = (name, device, repr(self.act), id(self.input_transform), tuple(backends()))
+        key = (name, device, self.act, id(self.input_transform), id(backends()))  # backends(): one dict per registry state
         if self._selection is not None and self._selection[0] == key:
             return self._selection[1]
         backend = self._choose(name, device)

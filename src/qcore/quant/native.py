@@ -39,7 +39,7 @@ log = get_logger("qcore.quant.native")
 
 SOURCE = Path(__file__).with_name("q4_avx512.c")
 CFLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-ABI = 3
+ABI = 4
 ROWS = 64
 """Output rows per supertile (out_features is padded to a multiple of this inside the pack)."""
 SLICE = 32
@@ -157,7 +157,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     for name in ("qc_q4_gemv", "qc_q4_dequant_bf16", "qc_q4_amx"):
         getattr(lib, name).restype = None
     lib.qc_q4_gemv.argtypes = [_ptr] * 5 + [_c_int] * 5
-    lib.qc_q4_amx.argtypes = [_ptr] * 5 + [_c_int] * 5
+    lib.qc_q4_amx.argtypes = [_ptr] * 5 + [_c_int] * 6
     lib.qc_q4_dequant_bf16.argtypes = [_ptr] * 4 + [_c_int] * 4
     _built[:] = [path]
     return lib, None
@@ -254,7 +254,8 @@ AMX_ROWS = 16
 
 def q4_amx(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, group_size: int, n: int) -> Tensor:
     """:func:`q4_mm` on AMX tiles (the weight dequantized panel by panel into bf16, as
-    :func:`q4_dequant_bf16` writes it; bf16 activations, fp32 accumulation)."""
+    :func:`q4_dequant_bf16` writes it; bf16 activations, fp32 accumulation); the result is bf16
+    for bf16 ``x`` (rounded once from the fp32 sums), else float32."""
     lib = _lib()
     why = amx_unavailable_reason()
     if why is not None:
@@ -265,9 +266,10 @@ def q4_amx(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, group_size: 
     if mp != m:
         xb = torch.nn.functional.pad(xb, (0, 0, 0, mp - m))
     xb = xb.contiguous()
-    y = torch.empty(mp, padded_rows(n), dtype=torch.float32)
+    bf16_out = x.dtype == torch.bfloat16
+    y = torch.empty(mp, padded_rows(n), dtype=torch.bfloat16 if bf16_out else torch.float32)
     lib.qc_q4_amx(words.data_ptr(), scales.data_ptr(), zeros.data_ptr(), xb.data_ptr(), y.data_ptr(), mp,
-                  y.shape[1], k, k if group_size == -1 else group_size, torch.get_num_threads())
+                  y.shape[1], k, k if group_size == -1 else group_size, torch.get_num_threads(), int(bf16_out))
     return y[:m, :n] if (mp, y.shape[1]) != (m, n) else y
 
 

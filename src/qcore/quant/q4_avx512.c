@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define QC_ABI 3
+#define QC_ABI 4
 #define QC_ROWS 64
 #ifndef QC_PREFETCH
 #define QC_PREFETCH 8 /* octets ahead (an octet of a supertile is 256 bytes) */
@@ -57,10 +57,10 @@ static inline __m512i nibble_bf16(__m512i v, int j) {
 
 static inline void prefetch_octet(const uint16_t *p) {
   const char *q = (const char *)(p + QC_PREFETCH * QC_ROWS * 2);
-  _mm_prefetch(q, _MM_HINT_NTA);
-  _mm_prefetch(q + 64, _MM_HINT_NTA);
-  _mm_prefetch(q + 128, _MM_HINT_NTA);
-  _mm_prefetch(q + 192, _MM_HINT_NTA);
+  _mm_prefetch(q, _MM_HINT_T0);
+  _mm_prefetch(q + 64, _MM_HINT_T0);
+  _mm_prefetch(q + 128, _MM_HINT_T0);
+  _mm_prefetch(q + 192, _MM_HINT_T0);
 }
 
 /* one activation row: supertiles [t0, t1). xp: bf16 activations as 32-bit pairs; xs: group sums */
@@ -321,12 +321,28 @@ static void build_panels(const uint16_t *w, const uint16_t *s, const uint16_t *z
   }
 }
 
-/* output tiles u0, u0 + 1 of a supertile for activation rows [m0, m1): 2 x 2 tiles over all of K */
-static void amx_rows(const uint32_t *panel0, const uint32_t *panel1, const uint16_t *xb, float *y, int m0,
-                     int m1, int N, int K) {
+/* accumulator tile T to y at element offset off: fp32 rows, or bf16 rows (round to nearest even)
+   through a 1 KiB buffer */
+#define QC_STORE_C(T, off)                                                                   \
+  do {                                                                                       \
+    if (bf16_out) {                                                                          \
+      _tile_stored(T, cbuf, 64);                                                             \
+      for (int r = 0; r < 16; r++)                                                           \
+        _mm256_storeu_si256((__m256i *)((uint16_t *)y + (off) + (size_t)r * N),             \
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(cbuf + 16 * r)));    \
+    } else {                                                                                 \
+      _tile_stored(T, (float *)y + (off), ys);                                               \
+    }                                                                                        \
+  } while (0)
+
+/* output columns [n0, n0 + 32) (tiles u0, u0 + 1 of a supertile) for activation rows [m0, m1):
+   2 x 2 tiles over all of K */
+static void amx_rows(const uint32_t *panel0, const uint32_t *panel1, const uint16_t *xb, void *y, int bf16_out,
+                     size_t n0, int m0, int m1, int N, int K) {
   const size_t xs = (size_t)K * 2, ys = (size_t)N * 4;
+  float cbuf[256] __attribute__((aligned(64)));
   for (int m = m0; m < m1; m += 32) {
-    float *yb = y + (size_t)m * N;
+    const size_t yb = (size_t)m * N + n0, yb16 = yb + 16 * (size_t)N;
     const uint16_t *xa = xb + (size_t)m * K;
     _tile_zero(4);
     _tile_zero(5);
@@ -343,8 +359,8 @@ static void amx_rows(const uint32_t *panel0, const uint32_t *panel1, const uint1
         _tile_dpbf16ps(6, 1, 2);
         _tile_dpbf16ps(7, 1, 3);
       }
-      _tile_stored(6, yb + 16 * (size_t)N, ys);
-      _tile_stored(7, yb + 16 * (size_t)N + 16, ys);
+      QC_STORE_C(6, yb16);
+      QC_STORE_C(7, yb16 + 16);
     } else {
       for (int k = 0; k < K; k += 32) {
         _tile_loadd(2, panel0 + k / 2 * 16, 64);
@@ -354,14 +370,15 @@ static void amx_rows(const uint32_t *panel0, const uint32_t *panel1, const uint1
         _tile_dpbf16ps(5, 0, 3);
       }
     }
-    _tile_stored(4, yb, ys);
-    _tile_stored(5, yb + 16, ys);
+    QC_STORE_C(4, yb);
+    QC_STORE_C(5, yb + 16);
   }
 }
 
-/* y [M, N] fp32 = xb [M, K] (bf16 bits) @ w_hat.T; M % 16 == 0, N % 64 == 0, K % 32 == 0 */
-void qc_q4_amx(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint16_t *xb, float *y,
-               int M, int N, int K, int G, int nthreads) {
+/* y [M, N] = xb [M, K] (bf16 bits) @ w_hat.T, fp32 or (bf16_out) bf16; M % 16 == 0, N % 64 == 0,
+   K % 32 == 0 */
+void qc_q4_amx(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint16_t *xb, void *y,
+               int M, int N, int K, int G, int nthreads, int bf16_out) {
   const int supertiles = N / QC_ROWS;
   if (!qc_amx_supported()) abort(); /* requests the AMX state on first use */
 #pragma omp parallel num_threads(nthreads)
@@ -373,9 +390,9 @@ void qc_q4_amx(const uint16_t *w, const uint16_t *s, const uint16_t *z, const ui
       for (int m0 = 0; m0 < M; m0 += QC_MC) {
         const int m1 = m0 + QC_MC < M ? m0 + QC_MC : M;
         build_panels(w, s, z, K, G, t, panel);
-        float *yt = y + (size_t)t * QC_ROWS;
-        amx_rows(panel, panel + (size_t)K * 8, xb, yt, m0, m1, N, K);
-        amx_rows(panel + (size_t)K * 16, panel + (size_t)K * 24, xb, yt + 32, m0, m1, N, K);
+        const size_t n0 = (size_t)t * QC_ROWS;
+        amx_rows(panel, panel + (size_t)K * 8, xb, y, bf16_out, n0, m0, m1, N, K);
+        amx_rows(panel + (size_t)K * 16, panel + (size_t)K * 24, xb, y, bf16_out, n0 + 32, m0, m1, N, K);
       }
     }
     free(panel);
@@ -385,15 +402,15 @@ void qc_q4_amx(const uint16_t *w, const uint16_t *s, const uint16_t *z, const ui
 }
 #else
 int qc_amx_supported(void) { return 0; }
-void qc_q4_amx(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint16_t *xb, float *y,
-               int M, int N, int K, int G, int nthreads) { abort(); }
+void qc_q4_amx(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint16_t *xb, void *y,
+               int M, int N, int K, int G, int nthreads, int bf16_out) { abort(); }
 #endif
 
 #else
 int qc_supported(void) { return 0; }
 int qc_amx_supported(void) { return 0; }
-void qc_q4_amx(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint16_t *xb, float *y,
-               int M, int N, int K, int G, int nthreads) { abort(); }
+void qc_q4_amx(const uint16_t *w, const uint16_t *s, const uint16_t *z, const uint16_t *xb, void *y,
+               int M, int N, int K, int G, int nthreads, int bf16_out) { abort(); }
 void qc_q4_gemv(const uint16_t *w, const uint16_t *s, const uint16_t *z, const float *x, float *y,
                 int M, int N, int K, int G, int nthreads) { abort(); }
 void qc_q4_dequant_bf16(const uint16_t *w, const uint16_t *s, const uint16_t *z, uint16_t *out,

@@ -78,10 +78,12 @@ class Crossover:
         return self.steps[-1][0] if self.steps[-1][1] in DENSE else None
 
     def path(self, rows: int) -> str:
-        """The path a call with ``rows`` activation rows takes."""
+        """The path a call with ``rows`` activation rows takes (:data:`ENV_PATH` first)."""
         forced = forced_path()
-        if forced is not None:
-            return forced
+        return forced if forced is not None else self.measured_path(rows)
+
+    def measured_path(self, rows: int) -> str:
+        """The measured path for ``rows`` activation rows."""
         chosen = self.steps[0][1]
         for start, path in self.steps:
             if rows < start:

@@ -149,7 +149,7 @@ def native_crossover(pack: NativeQ4Pack, k: int) -> Crossover:
 def native_path(pack: NativeQ4Pack, k: int, rows: int) -> str:
     """The path (:data:`qcore.quant.backends._dispatch.PATHS`) a call with ``rows`` rows takes."""
     forced = _dispatch.forced_path()
-    return forced if forced is not None else native_crossover(pack, k).path(rows)
+    return forced if forced is not None else native_crossover(pack, k).measured_path(rows)
 
 
 def int4_native_mm(x: Tensor, pack: NativeQ4Pack) -> Tensor:
