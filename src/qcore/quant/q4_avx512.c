@@ -169,16 +169,17 @@ void qc_q4_gemv(const uint16_t *w, const uint16_t *s, const uint16_t *z, const f
   const int nchunks = (supertiles + chunk - 1) / chunk;
   uint16_t *xb = (uint16_t *)calloc((size_t)QC_MB * K, 2);
   float *xs = (float *)calloc((size_t)QC_MB * ng, sizeof(float));
-  for (int m0 = 0; m0 < M; m0 += (M == 1 ? 1 : QC_MB)) {
-    int mb = M - m0 < QC_MB ? M - m0 : QC_MB;
-    if (M > 1) memset(xb, 0, (size_t)QC_MB * K * 2);
+  const int by_row = M < QC_MB; /* 2 or 3 rows: one streaming pass per row beats a padded block */
+  for (int m0 = 0; m0 < M; m0 += (by_row ? 1 : QC_MB)) {
+    int mb = by_row ? 1 : M - m0 < QC_MB ? M - m0 : QC_MB;
+    if (!by_row) memset(xb, 0, (size_t)QC_MB * K * 2);
     for (int m = 0; m < mb; m++) prep_x(x + (size_t)(m0 + m) * K, xb + (size_t)m * K, xs + (size_t)m * ng, K, G);
     float *yr = y + (size_t)m0 * N;
     const uint32_t *xp = (const uint32_t *)xb;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int c = 0; c < nchunks; c++) {
       int a = c * chunk, b = a + chunk < supertiles ? a + chunk : supertiles;
-      if (M == 1) gemv_supertiles(w, s, z, xp, xs, yr, K, G, a, b);
+      if (by_row) gemv_supertiles(w, s, z, xp, xs, yr, K, G, a, b);
       else gemm_supertiles(w, s, z, xp, xs, yr, mb, N, K, G, a, b);
     }
   }
