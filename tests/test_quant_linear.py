@@ -374,3 +374,43 @@ def test_input_transform_on_every_backend(cfg: tuple[int, int, bool], act: ActQu
             assert rel(xg.grad, grad @ w_hat @ rot.q) < BACKEND_RTOL, backend
         ran.append(mod.select_backend())
     assert {"dense", "dense_bf16", "reference"} <= set(ran)
+
+
+def test_inference_fast_path_is_bound_once_and_follows_every_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a first no-grad call the backend and pack are bound; a call with another dtype,
+    backend (attribute or environment), input transform, bias value, or with gradients goes
+    through the full path again, and each gives what the full path gives."""
+    torch.manual_seed(0)
+    mod, _ = make(4, 64, False)
+    x = torch.randn(3, 5, 256)
+    calls: list[str] = []
+    bind = QuantLinear._bind
+
+    def counting_bind(self: QuantLinear, backend, x2):  # noqa: ANN001
+        calls.append(backend.name)
+        return bind(self, backend, x2)
+
+    monkeypatch.setattr(QuantLinear, "_bind", counting_bind)
+    mod.backend = "reference"
+    with torch.no_grad():
+        ref = mod(x)
+        assert torch.equal(mod(x), ref) and calls == ["reference"]  # bound once, reused
+        bias = mod.bias.clone()
+        mod.bias.add_(1.0)  # the bound call reads the bias at call time
+        assert torch.allclose(mod(x), ref + 1.0) and calls == ["reference"]
+        mod.bias.copy_(bias)
+        mod.backend = "dense"
+        assert rel(mod(x), ref) < BACKEND_RTOL and calls == ["reference", "dense"]
+        monkeypatch.setenv(BACKEND_ENV, "reference")
+        assert torch.equal(mod(x), ref) and calls[-1] == "reference"
+        monkeypatch.delenv(BACKEND_ENV)
+        assert rel(mod(x), ref) < BACKEND_RTOL and calls[-1] == "dense" and len(calls) == 4
+        assert mod(x.double()).dtype == torch.float64 and len(calls) == 5  # another dtype: bound again
+        mod.input_transform = torch.nn.Identity()
+        mod(x)
+        assert len(calls) == 5  # a transform: no bound path
+        mod.input_transform = None
+    xg = x.clone().requires_grad_(True)
+    y = mod(xg)
+    y.sum().backward()
+    assert xg.grad is not None and len(calls) == 5  # with gradients: the full path

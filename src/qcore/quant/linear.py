@@ -36,6 +36,7 @@ itself; for every other one the input is fake-quantized first.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,6 +109,7 @@ class QuantLinear(nn.Module):
         self._cache_key: tuple | None = None
         self._cache_backend: KernelBackend | None = None
         self._selection: tuple[tuple, KernelBackend] | None = None
+        self._fast: tuple[tuple, Callable[[Tensor], Tensor]] | None = None
         """The last backend choice and what it depended on (re-checking costs per call)."""
         self._released: set[str] = set()
         """Buffers replaced by placeholders while a kernel pack holds their content exactly."""
@@ -230,6 +232,7 @@ class QuantLinear(nn.Module):
         self._cache_key = None
         self._cache_backend = None
         self._selection = None
+        self._fast = None
 
     def post_load(self) -> None:
         """Called by :func:`qcore.load` after buffers are assigned: drop stale run-time caches."""
@@ -316,7 +319,24 @@ class QuantLinear(nn.Module):
     def _device(self) -> torch.device:
         return self._home if self._released else self.scales.device
 
+    def _fast_key(self, x: Tensor) -> tuple:
+        """What the bound call of :meth:`forward`'s fast path depends on besides the pack."""
+        return (x.dtype, x.device, os.environ.get(BACKEND_ENV, "") or self.backend, self.act,
+                id(self.input_transform), id(backends()))
+
+    def _bind(self, backend: KernelBackend, x2: Tensor) -> Callable[[Tensor], Tensor]:
+        """``x2 -> y`` with this backend and its pack bound (no choice, cache lookup or checks)."""
+        pack = self._get_cache(backend, x2.dtype, x2.device)
+
+        def call(x: Tensor) -> Tensor:
+            y = backend.mm(x, pack, self)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return call
+
     def forward(self, x: Tensor) -> Tensor:
+        fast = self._fast  # inference calls after the first: the backend and pack bound
+        if fast is not None and not torch.is_grad_enabled() and fast[0] == self._fast_key(x):
+            return fast[1](x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.input_transform is not None:
@@ -328,6 +348,9 @@ class QuantLinear(nn.Module):
             y = _KernelWithGrad.apply(x2, self, backend)  # the kernel has no autograd formula
         else:
             y = self._mm(x2, backend)
+            if (not torch.is_grad_enabled() and self.input_transform is None
+                    and (self.act is None or backend.quantizes_act)):
+                self._fast = (self._fast_key(x), self._bind(backend, x2))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
