@@ -68,7 +68,7 @@ def bench_main(args: argparse.Namespace) -> None:
     info = inspect_model(model)
     ppl_float = _ppl(model, tok, args)
     print(f"float: ppl {ppl_float:.3f}", flush=True)
-    common = {"group_size": args.group_size, "sym": args.sym}
+    common: dict[str, Any] = {"group_size": args.group_size, "sym": args.sym, **_options(args.option)}
     if args.ignore:
         common["ignore"] = args.ignore
 
@@ -175,6 +175,20 @@ def _plot(rows: list[dict[str, Any]], ppl_float: float, args: argparse.Namespace
     plt.close(fig)
 
 
+def _options(pairs: list[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs as method options (values parsed as JSON where they parse)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {pair!r}: use KEY=VALUE, e.g. iterations=50")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main() -> None:
     # bench/ holds scripts named like packages (bench/hqq.py): keep them off the import path
     here = Path(__file__).resolve().parent
@@ -195,6 +209,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--plot", default=None, help="write the perplexity-vs-bytes plot here (PNG)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a method option for every run (repeatable), e.g. --option iterations=50")
     ap.add_argument("--json", default=None)
     bench_main(ap.parse_args())
 
