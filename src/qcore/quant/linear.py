@@ -263,12 +263,16 @@ class QuantLinear(nn.Module):
             return backend.name
         return f"{backend.name}:{path_for(self._get_cache(backend, torch.float32, dev), self, rows)}"
 
+    def _selection_key(self, device: torch.device) -> tuple:
+        """What the backend choice depends on (``backends()`` is one dict per registry state)."""
+        return (os.environ.get(BACKEND_ENV, "") or self.backend, device, self.act, id(self.input_transform),
+                id(backends()))
+
     def _select(self, device: torch.device) -> KernelBackend:
-        name = os.environ.get(BACKEND_ENV, "") or self.backend
-        key = (name, device, self.act, id(self.input_transform), id(backends()))  # backends(): one dict per registry state
+        key = self._selection_key(device)
         if self._selection is not None and self._selection[0] == key:
             return self._selection[1]
-        backend = self._choose(name, device)
+        backend = self._choose(key[0], device)
         self._selection = (key, backend)
         return backend
 
@@ -320,9 +324,9 @@ class QuantLinear(nn.Module):
         return self._home if self._released else self.scales.device
 
     def _fast_key(self, x: Tensor) -> tuple:
-        """What the bound call of :meth:`forward`'s fast path depends on besides the pack."""
-        return (x.dtype, x.device, os.environ.get(BACKEND_ENV, "") or self.backend, self.act,
-                id(self.input_transform), id(backends()))
+        """What the bound call of :meth:`forward`'s fast path depends on besides the pack: the
+        backend choice's key and the activation dtype."""
+        return (x.dtype, *self._selection_key(x.device))
 
     def _bind(self, backend: KernelBackend, x2: Tensor) -> Callable[[Tensor], Tensor]:
         """``x2 -> y`` with this backend and its pack bound (no choice, cache lookup or checks)."""
