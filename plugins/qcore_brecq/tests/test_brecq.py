@@ -236,6 +236,23 @@ def test_per_layer_precision_map_is_honoured() -> None:
         assert lin.bits == want_bits
 
 
+def test_a_block_worse_than_round_to_nearest_keeps_round_to_nearest() -> None:
+    """A learning rate far too large scrambles the rounding: such a block packs round-to-nearest's
+    codes on its initial grid (what RTN with the searched scales stores) and says so."""
+    import qcore
+    from qcore.tiny import tiny_model
+
+    model = tiny_model("llama")
+    qcore.quantize(model, "brecq", calibration=tiny_calibration(128),
+                   **{**TINY, "iterations": 3, "lr": 1000.0, "warmup": 0.0, "reg_lambda": 0.0})
+    blocks = _record(model)["blocks"]
+    kept = [name for name, b in blocks.items() if b["kept_nearest"]]
+    assert kept, blocks
+    for name in kept:
+        assert blocks[name]["error_vs_rtn"] == 1.0 and blocks[name]["flipped"] == 0.0
+    assert bool(torch.isfinite(model.get_submodule(f"{kept[0]}.mlp.up_proj").dequantize_weight()).all())
+
+
 def test_moe_model_quantizes_every_expert() -> None:
     import qcore
     from qcore.tiny import tiny_inputs, tiny_model

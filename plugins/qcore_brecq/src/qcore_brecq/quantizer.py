@@ -70,9 +70,15 @@ class BrecqQuantizer(BaseQuantizer):
                 hook.remove()
         from qcore_brecq.brecq import soft_fraction
 
-        flipped = _flipped(block, rvs)
         undecided = sum(soft_fraction(rv) * rv.v.numel() for rv in rvs.values()) / sum(rv.v.numel() for rv in rvs.values())
-        self._pack(block, names, rvs)
+        kept_nearest = final >= rtn
+        if kept_nearest:
+            log.warning("brecq %s: the learned rounding's output error %.4g is not below round-to-nearest's "
+                        "%.4g; the block keeps round-to-nearest (more iterations or a smaller lr may help)",
+                        block.name, final, rtn)
+            final = rtn
+        flipped = 0.0 if kept_nearest else _flipped(block, rvs)
+        self._pack(block, names, rvs, nearest=kept_nearest)
         for name, step in acts.items():
             block.request_activation_quant(name, step.to_act())
         self.blocks[block.name] = {
@@ -84,6 +90,7 @@ class BrecqQuantizer(BaseQuantizer):
             "flipped": round(flipped, 4),
             "undecided": round(undecided, 4),
             "step_seconds": round(step_seconds, 4),
+            "kept_nearest": kept_nearest,
             "seconds": round(time.perf_counter() - start, 3),
         }
         if acts:
@@ -232,19 +239,26 @@ class BrecqQuantizer(BaseQuantizer):
             progress.close()
         return (time.perf_counter() - start) / cfg.iterations
 
-    def _pack(self, block: BlockContext, names: list[str], rvs: dict[str, RoundingVars]) -> None:
+    def _pack(self, block: BlockContext, names: list[str], rvs: dict[str, RoundingVars],
+              nearest: bool = False) -> None:
+        """Pack each linear's hardened learned codes, or (``nearest``) its round-to-nearest codes on
+        the initial grid."""
         import torch
 
         from qcore.plugin import QuantizedWeight
-        from qcore_brecq.brecq import hard_codes
+        from qcore_brecq.brecq import hard_codes, nearest_codes
 
         for name in names:
             rv = rvs[name]
             p = block.precision(name, self.config)
             with torch.no_grad():
-                scales = rv.current_scales().detach().clone()
-            block.quantize_linear(name, QuantizedWeight(hard_codes(rv), scales, rv.zeros.clone(), p.bits,
-                                                        p.group_size, p.sym))
+                if nearest:
+                    codes = nearest_codes(block.linear(name).weight.detach(), rv).to(torch.uint8)
+                    scales = rv.scales.clone()
+                else:
+                    codes, scales = hard_codes(rv), rv.current_scales().detach().clone()
+            block.quantize_linear(name, QuantizedWeight(codes, scales, rv.zeros.clone(), p.bits, p.group_size,
+                                                        p.sym))
 
     def record(self) -> dict[str, Any]:
         return {"seconds": round(sum(b["seconds"] for b in self.blocks.values()), 3),
