@@ -23,6 +23,8 @@ from qcore.quant import QuantLinear, quant_params
 from qcore.testing import MethodConformance, requires_shared, tiny_calibration
 
 TINY = {"bits": 4, "group_size": 32, "iterations": 20}
+SCRAMBLE = {"iterations": 3, "lr": 1000.0, "warmup": 0.0, "reg_lambda": 0.0}
+"""Options whose learned rounding ends worse than round-to-nearest (a learning rate far too large)."""
 
 
 def _weight(out: int = 16, dim: int = 64, seed: int = 0) -> torch.Tensor:
@@ -168,11 +170,12 @@ def test_a_subset_of_windows_gives_those_windows_outputs(family: str, monkeypatc
     assert checked == [0, 1]
 
 
-@pytest.mark.parametrize("learn_scales", [False, True])
-def test_packed_layers_hold_what_the_fake_quant_forward_used(learn_scales: bool,
+@pytest.mark.parametrize(("learn_scales", "scramble"), [(False, False), (True, False), (False, True)])
+def test_packed_layers_hold_what_the_fake_quant_forward_used(learn_scales: bool, scramble: bool,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stored codes, scales and zero points dequantize to exactly the hardened fake-quantized
-    weights the reconstruction error was measured with; the model's parameters get no gradient."""
+    """The stored codes, scales and zero points dequantize to exactly the weights the
+    reconstruction error was measured with (the hardened fake-quantized ones, or round-to-nearest's
+    where a block keeps it); the model's parameters get no gradient."""
     from qcore_brecq import quantizer as qmod
 
     import qcore
@@ -181,15 +184,19 @@ def test_packed_layers_hold_what_the_fake_quant_forward_used(learn_scales: bool,
     hard: dict[str, torch.Tensor] = {}
     pack = qmod.BrecqQuantizer._pack
 
-    def spy(self: Any, block: Any, names: list[str], rvs: dict) -> None:
+    def spy(self: Any, block: Any, names: list[str], rvs: dict, nearest: bool = False) -> None:
         for n, rv in rvs.items():
-            hard[f"{block.name}.{n}"] = fake_quant(rv, hard=True).detach()
-        pack(self, block, names, rvs)
+            w = (dequantize(nearest_codes(block.linear(n).weight, rv), rv.scales, rv.zeros, rv.group_size)
+                 if nearest else fake_quant(rv, hard=True))
+            hard[f"{block.name}.{n}"] = w.detach()
+        pack(self, block, names, rvs, nearest)
 
     monkeypatch.setattr(qmod.BrecqQuantizer, "_pack", spy)
     model = tiny_model("llama")
-    qcore.quantize(model, "brecq", calibration=tiny_calibration(128), learn_scales=learn_scales, **TINY)
+    qcore.quantize(model, "brecq", calibration=tiny_calibration(128), learn_scales=learn_scales,
+                   **{**TINY, **(SCRAMBLE if scramble else {})})
     assert len(hard) == 2 * 7
+    assert not scramble or any(b["kept_nearest"] for b in _record(model)["blocks"].values())
     for name, w in hard.items():
         lin = model.get_submodule(name)
         assert isinstance(lin, QuantLinear)
@@ -243,8 +250,7 @@ def test_a_block_worse_than_round_to_nearest_keeps_round_to_nearest() -> None:
     from qcore.tiny import tiny_model
 
     model = tiny_model("llama")
-    qcore.quantize(model, "brecq", calibration=tiny_calibration(128),
-                   **{**TINY, "iterations": 3, "lr": 1000.0, "warmup": 0.0, "reg_lambda": 0.0})
+    qcore.quantize(model, "brecq", calibration=tiny_calibration(128), **{**TINY, **SCRAMBLE})
     blocks = _record(model)["blocks"]
     kept = [name for name, b in blocks.items() if b["kept_nearest"]]
     assert kept, blocks
