@@ -59,10 +59,13 @@ class BrecqQuantizer(BaseQuantizer):
 
         hooks = [block.linear(n).register_forward_pre_hook(input_hook(a)) for n, a in acts.items()]
         try:
-            rtn = self._error(block, rvs, params, targets, weights, mode="nearest")
+            rtn = self._error(block, rvs, params, targets, weights, nearest=set(rvs))
             norm = rtn if rtn > 0 else 1.0
             step_seconds = self._train(block, rvs, params, targets, weights, norm, acts)
-            final = self._error(block, rvs, params, targets, weights, mode="hard")
+            final = self._error(block, rvs, params, targets, weights)
+            nearest: set[str] = set()
+            if final >= rtn:
+                nearest, final = self._revert(block, rvs, params, targets, weights, final, rtn)
         finally:
             for p, req in frozen:
                 p.requires_grad_(req)
@@ -71,14 +74,8 @@ class BrecqQuantizer(BaseQuantizer):
         from qcore_brecq.brecq import soft_fraction
 
         undecided = sum(soft_fraction(rv) * rv.v.numel() for rv in rvs.values()) / sum(rv.v.numel() for rv in rvs.values())
-        kept_nearest = final >= rtn
-        if kept_nearest:
-            log.warning("brecq %s: the learned rounding's output error %.4g is not below round-to-nearest's "
-                        "%.4g; the block keeps round-to-nearest (more iterations or a smaller lr may help)",
-                        block.name, final, rtn)
-            final = rtn
-        flipped = 0.0 if kept_nearest else _flipped(block, rvs)
-        self._pack(block, names, rvs, nearest=kept_nearest)
+        flipped = _flipped(block, rvs, nearest)
+        self._pack(block, names, rvs, nearest)
         for name, step in acts.items():
             block.request_activation_quant(name, step.to_act())
         self.blocks[block.name] = {
@@ -90,7 +87,7 @@ class BrecqQuantizer(BaseQuantizer):
             "flipped": round(flipped, 4),
             "undecided": round(undecided, 4),
             "step_seconds": round(step_seconds, 4),
-            "kept_nearest": kept_nearest,
+            "kept_nearest": sorted(nearest),
             "seconds": round(time.perf_counter() - start, 3),
         }
         if acts:
@@ -168,19 +165,15 @@ class BrecqQuantizer(BaseQuantizer):
                                             args, kwargs))
 
     def _error(self, block: BlockContext, rvs: dict[str, RoundingVars], params: dict[str, str],
-               targets: list[Tensor], weights: list[Tensor] | None, mode: str) -> float:
-        """The reconstruction error over every calibration window: round-to-nearest (``nearest``)
-        or the hardened learned rounding (``hard``)."""
+               targets: list[Tensor], weights: list[Tensor] | None, nearest: set[str] = frozenset()) -> float:
+        """The reconstruction error over every calibration window with the hardened learned
+        rounding, except the linears in ``nearest`` (round-to-nearest on their initial grid)."""
         import torch
 
-        from qcore_brecq.brecq import dequantize, fake_quant, nearest_codes, reconstruction_error
+        from qcore_brecq.brecq import reconstruction_error
 
         with torch.no_grad():
-            if mode == "nearest":
-                ws = {n: dequantize(nearest_codes(block.linear(n).weight, rv), rv.scales, rv.zeros, rv.group_size)
-                      for n, rv in rvs.items()}
-            else:
-                ws = {n: fake_quant(rv, hard=True) for n, rv in rvs.items()}
+            ws = {n: _final_weight(block, n, rv, n in nearest) for n, rv in rvs.items()}
             total, count = 0.0, 0
             for i, target in enumerate(targets):
                 out = self._run(block, params, ws, i)
@@ -188,6 +181,24 @@ class BrecqQuantizer(BaseQuantizer):
                 total += float(reconstruction_error(out, target, wt)) * target.numel()
                 count += target.numel()
         return total / max(count, 1)
+
+    def _revert(self, block: BlockContext, rvs: dict[str, RoundingVars], params: dict[str, str],
+                targets: list[Tensor], weights: list[Tensor] | None, final: float,
+                rtn: float) -> tuple[set[str], float]:
+        """For a block whose learned rounding ended no better than round-to-nearest: revert its
+        linears to round-to-nearest one at a time where that lowers the block's error (greedy,
+        in block order); every linear reverted when nothing beats round-to-nearest."""
+        nearest: set[str] = set()
+        for name in rvs:
+            err = self._error(block, rvs, params, targets, weights, nearest | {name})
+            if err < final:
+                nearest, final = nearest | {name}, err
+        if final >= rtn:
+            nearest, final = set(rvs), rtn
+        log.warning("brecq %s: the learned rounding's output error was not below round-to-nearest's %.4g; "
+                    "round-to-nearest kept for %s (error %.4g now; more iterations or a smaller lr may help)",
+                    block.name, rtn, ", ".join(sorted(nearest)), final)
+        return nearest, final
 
     def _train(self, block: BlockContext, rvs: dict[str, RoundingVars], params: dict[str, str],
                targets: list[Tensor], weights: list[Tensor] | None, norm: float,
@@ -240,9 +251,9 @@ class BrecqQuantizer(BaseQuantizer):
         return (time.perf_counter() - start) / cfg.iterations
 
     def _pack(self, block: BlockContext, names: list[str], rvs: dict[str, RoundingVars],
-              nearest: bool = False) -> None:
-        """Pack each linear's hardened learned codes, or (``nearest``) its round-to-nearest codes on
-        the initial grid."""
+              nearest: set[str] = frozenset()) -> None:
+        """Pack each linear's hardened learned codes, or round-to-nearest's codes on the initial
+        grid for the linears in ``nearest``."""
         import torch
 
         from qcore.plugin import QuantizedWeight
@@ -252,7 +263,7 @@ class BrecqQuantizer(BaseQuantizer):
             rv = rvs[name]
             p = block.precision(name, self.config)
             with torch.no_grad():
-                if nearest:
+                if name in nearest:
                     codes = nearest_codes(block.linear(name).weight.detach(), rv).to(torch.uint8)
                     scales = rv.scales.clone()
                 else:
@@ -284,14 +295,26 @@ def _describe(step: ActStep) -> dict[str, Any]:
     return {"clip": round(act.clip, 4)} if act.dynamic else {"scale": float(f"{act.scale:.6g}")}
 
 
-def _flipped(block: BlockContext, rvs: dict[str, RoundingVars]) -> float:
-    """Fraction of weights whose final code differs from round-to-nearest's on the initial grid."""
+def _final_weight(block: BlockContext, name: str, rv: RoundingVars, nearest: bool) -> Tensor:
+    """One linear's weight as it will be packed: the hardened learned rounding, or (``nearest``)
+    round-to-nearest on its initial grid."""
+    from qcore_brecq.brecq import dequantize, fake_quant, nearest_codes
+
+    if nearest:
+        return dequantize(nearest_codes(block.linear(name).weight, rv), rv.scales, rv.zeros, rv.group_size)
+    return fake_quant(rv, hard=True)
+
+
+def _flipped(block: BlockContext, rvs: dict[str, RoundingVars], nearest: set[str]) -> float:
+    """Fraction of weights whose packed code differs from round-to-nearest's on the initial grid
+    (none in the linears of ``nearest``, which keep round-to-nearest)."""
     from qcore_brecq.brecq import hard_codes, nearest_codes
 
     diff = total = 0
     for name, rv in rvs.items():
         near = nearest_codes(block.linear(name).weight.detach(), rv)
-        diff += int((hard_codes(rv).float() != near).sum())
+        if name not in nearest:
+            diff += int((hard_codes(rv).float() != near).sum())
         total += near.numel()
     return diff / max(total, 1)
 
