@@ -8,6 +8,8 @@ from qcore.plugin import BaseQuantizer, BlockContext, CalibrationError, Needs
 from qcore.plugin import bar, get_logger
 
 if TYPE_CHECKING:
+    from collections.abc import Set as AbstractSet
+
     from torch import Tensor, nn
 
     from qcore.plugin import MethodSpec
@@ -165,7 +167,7 @@ class BrecqQuantizer(BaseQuantizer):
                                             args, kwargs))
 
     def _error(self, block: BlockContext, rvs: dict[str, RoundingVars], params: dict[str, str],
-               targets: list[Tensor], weights: list[Tensor] | None, nearest: set[str] = frozenset()) -> float:
+               targets: list[Tensor], weights: list[Tensor] | None, nearest: AbstractSet[str] = frozenset()) -> float:
         """The reconstruction error over every calibration window with the hardened learned
         rounding, except the linears in ``nearest`` (round-to-nearest on their initial grid)."""
         import torch
@@ -251,7 +253,7 @@ class BrecqQuantizer(BaseQuantizer):
         return (time.perf_counter() - start) / cfg.iterations
 
     def _pack(self, block: BlockContext, names: list[str], rvs: dict[str, RoundingVars],
-              nearest: set[str] = frozenset()) -> None:
+              nearest: AbstractSet[str] = frozenset()) -> None:
         """Pack each linear's hardened learned codes, or round-to-nearest's codes on the initial
         grid for the linears in ``nearest``."""
         import torch
@@ -305,7 +307,7 @@ def _final_weight(block: BlockContext, name: str, rv: RoundingVars, nearest: boo
     return fake_quant(rv, hard=True)
 
 
-def _flipped(block: BlockContext, rvs: dict[str, RoundingVars], nearest: set[str]) -> float:
+def _flipped(block: BlockContext, rvs: dict[str, RoundingVars], nearest: AbstractSet[str]) -> float:
     """Fraction of weights whose packed code differs from round-to-nearest's on the initial grid
     (none in the linears of ``nearest``, which keep round-to-nearest)."""
     from qcore_brecq.brecq import hard_codes, nearest_codes
