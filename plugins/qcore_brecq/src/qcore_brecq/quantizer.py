@@ -172,10 +172,11 @@ class BrecqQuantizer(BaseQuantizer):
         rounding, except the linears in ``nearest`` (round-to-nearest on their initial grid)."""
         import torch
 
-        from qcore_brecq.brecq import reconstruction_error
+        from qcore_brecq.brecq import dequantize, reconstruction_error
 
         with torch.no_grad():
-            ws = {n: _final_weight(block, n, rv, n in nearest) for n, rv in rvs.items()}
+            ws = {n: dequantize(*_final_codes(block, n, rv, n in nearest), rv.zeros, rv.group_size)
+                  for n, rv in rvs.items()}
             total, count = 0.0, 0
             for i, target in enumerate(targets):
                 out = self._run(block, params, ws, i)
@@ -256,20 +257,12 @@ class BrecqQuantizer(BaseQuantizer):
               nearest: AbstractSet[str] = frozenset()) -> None:
         """Pack each linear's hardened learned codes, or round-to-nearest's codes on the initial
         grid for the linears in ``nearest``."""
-        import torch
-
         from qcore.plugin import QuantizedWeight
-        from qcore_brecq.brecq import hard_codes, nearest_codes
 
         for name in names:
             rv = rvs[name]
             p = block.precision(name, self.config)
-            with torch.no_grad():
-                if name in nearest:
-                    codes = nearest_codes(block.linear(name).weight.detach(), rv).to(torch.uint8)
-                    scales = rv.scales.clone()
-                else:
-                    codes, scales = hard_codes(rv), rv.current_scales().detach().clone()
+            codes, scales = _final_codes(block, name, rv, name in nearest)
             block.quantize_linear(name, QuantizedWeight(codes, scales, rv.zeros.clone(), p.bits, p.group_size,
                                                         p.sym))
 
@@ -297,14 +290,17 @@ def _describe(step: ActStep) -> dict[str, Any]:
     return {"clip": round(act.clip, 4)} if act.dynamic else {"scale": float(f"{act.scale:.6g}")}
 
 
-def _final_weight(block: BlockContext, name: str, rv: RoundingVars, nearest: bool) -> Tensor:
-    """One linear's weight as it will be packed: the hardened learned rounding, or (``nearest``)
-    round-to-nearest on its initial grid."""
-    from qcore_brecq.brecq import dequantize, fake_quant, nearest_codes
+def _final_codes(block: BlockContext, name: str, rv: RoundingVars, nearest: bool) -> tuple[Tensor, Tensor]:
+    """One linear's codes (uint8) and scales as they will be packed: the hardened learned rounding,
+    or (``nearest``) round-to-nearest on its initial grid."""
+    import torch
 
-    if nearest:
-        return dequantize(nearest_codes(block.linear(name).weight, rv), rv.scales, rv.zeros, rv.group_size)
-    return fake_quant(rv, hard=True)
+    from qcore_brecq.brecq import hard_codes, nearest_codes
+
+    with torch.no_grad():
+        if nearest:
+            return nearest_codes(block.linear(name).weight.detach(), rv).to(torch.uint8), rv.scales.clone()
+        return hard_codes(rv), rv.current_scales().detach().clone()
 
 
 def _flipped(block: BlockContext, rvs: dict[str, RoundingVars], nearest: AbstractSet[str]) -> float:
