@@ -205,11 +205,19 @@ def run_child(argv: list[str], env: dict[str, str], timeout: int, log_path: Path
     with open(log_path, "w") as out:
         # its own process group: a timeout, Ctrl-C or SIGTERM of the dashboard ends the job and
         # everything it started (a peer's workers included)
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                start_new_session=True)
-        timer = threading.Timer(timeout, _kill_group, (proc.pid, signal.SIGKILL))
-        timer.start()
+        _STARTING["active"] = True  # a SIGTERM now waits until the job can be stopped with it
         try:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                    start_new_session=True)
+        except BaseException:
+            _STARTING["active"] = False
+            raise
+        timer = threading.Timer(timeout, _kill_group, (proc.pid, signal.SIGKILL))
+        try:
+            _STARTING["active"] = False
+            if _STARTING["pending"]:
+                raise KeyboardInterrupt(f"signal {_STARTING['pending']}")
+            timer.start()
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:
             _kill_group(proc.pid, signal.SIGTERM)
@@ -235,10 +243,18 @@ def _kill_group(pid: int, sig: int) -> None:
         pass
 
 
+_STARTING: dict[str, Any] = {"active": False, "pending": 0}
+"""While a job's process is being created a SIGTERM is only noted (``pending``): raised there, it
+would leave the new job running."""
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM ends the dashboard as Ctrl-C does (the running job is stopped, results.json keeps
     every finished row; the same command resumes)."""
     def handler(signum: int, frame: Any) -> None:
+        if _STARTING["active"]:
+            _STARTING["pending"] = signum
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
@@ -528,8 +544,9 @@ def quality_suite(suite: Suite, args: argparse.Namespace) -> Path:
             log.info("[%d/%d] %s: kept from the earlier run", i, len(jobs), job.key)
             continue
         log.info("[%d/%d] %s ...", i, len(jobs), job.key)
+        load = os.getloadavg()[0]
         row = run_job(job, suite, shared, work, Path(args.peers_dir), envs)
-        row.update(cpu=cpu, date=date)
+        row.update(cpu=cpu, date=date, load_average=[round(load, 2), round(os.getloadavg()[0], 2)])
         run.header["wall_s"] += time.perf_counter() - start
         start = time.perf_counter()
         run.add(row)

@@ -52,7 +52,8 @@ def quality_markdown(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              "",
              "Packed MB: the block linears' codes plus an fp16 scale and zero per group (`storage` bits and"
              " group; the same formula for every tool), float linears at 2 bytes; embeddings and LM head"
-             " not counted.",
+             " not counted. Quantize (s): the job's wall time, with the load average when it started and ended"
+             " (a load above the thread count means other work shared the CPU).",
              "",
              "| bits | method | perplexity | vs float | packed MB | quantize (s) | peak RSS (GB) | version | note |",
              "|---|---|---|---|---|---|---|---|---|",
@@ -65,8 +66,10 @@ def quality_markdown(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             vs = f"{r['ppl'] / header['float_ppl']:.2f}x" if r.get("ppl") is not None else "-"
             rss = f"{r['peak_rss_bytes'] / 1e9:.2f}" if r.get("peak_rss_bytes") else "-"
             note = r.get("error") or r.get("note") or ""
+            load = r.get("load_average")
+            secs = _fmt(r.get("quantize_s"), 1) + (f" (load {load[0]:.1f}/{load[1]:.1f})" if load else "")
             lines.append(f"| {bits} | {_label(r)} | {ppl} | {vs} | {r['packed_bytes'] / MB:.2f} | "
-                         f"{_fmt(r.get('quantize_s'), 1)} | {rss} | {r.get('tool_version', '-')} | "
+                         f"{secs} | {rss} | {r.get('tool_version', '-')} | "
                          f"{note.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
