@@ -170,12 +170,14 @@ def test_a_subset_of_windows_gives_those_windows_outputs(family: str, monkeypatc
     assert checked == [0, 1]
 
 
-@pytest.mark.parametrize(("learn_scales", "scramble"), [(False, False), (True, False), (False, True)])
-def test_packed_layers_hold_what_the_fake_quant_forward_used(learn_scales: bool, scramble: bool,
+@pytest.mark.parametrize(("learn_scales", "scramble", "bits"),
+                         [(False, False, 4), (True, False, 4), (False, True, 4), (False, False, 2)])
+def test_packed_layers_hold_what_the_fake_quant_forward_used(learn_scales: bool, scramble: bool, bits: int,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The stored codes, scales and zero points dequantize to exactly the weights the
-    reconstruction error was measured with (the hardened fake-quantized ones, or round-to-nearest's
-    where a block keeps it); the model's parameters get no gradient."""
+    reconstruction error was measured with (the hardened fake-quantized ones on their refit scales
+    where the refit was kept, or round-to-nearest's where a block keeps it); the model's parameters
+    get no gradient."""
     from qcore_brecq import quantizer as qmod
 
     import qcore
@@ -194,9 +196,11 @@ def test_packed_layers_hold_what_the_fake_quant_forward_used(learn_scales: bool,
     monkeypatch.setattr(qmod.BrecqQuantizer, "_pack", spy)
     model = tiny_model("llama")
     qcore.quantize(model, "brecq", calibration=tiny_calibration(128), learn_scales=learn_scales,
-                   **{**TINY, **(SCRAMBLE if scramble else {})})
+                   **{**TINY, "bits": bits, **(SCRAMBLE if scramble else {})})
     assert len(hard) == 2 * 7
-    assert not scramble or any(b["kept_nearest"] for b in _record(model)["blocks"].values())
+    blocks = _record(model)["blocks"].values()
+    assert not scramble or any(b["kept_nearest"] for b in blocks)
+    assert bits != 2 or any(b["refit"] for b in blocks)
     for name, w in hard.items():
         lin = model.get_submodule(name)
         assert isinstance(lin, QuantLinear)
@@ -261,6 +265,25 @@ def test_a_block_worse_than_round_to_nearest_keeps_round_to_nearest() -> None:
                                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}, linears
         if len(linears) == 7:
             assert blocks[name]["error_vs_rtn"] == 1.0 and blocks[name]["flipped"] == 0.0
+
+
+def test_scale_refit_is_kept_only_where_it_lowers_the_block_error() -> None:
+    """Each linear's scales refit to its hardened codes stay only where the block's error drops:
+    every block ends at or below its error before the refit (strictly where a refit was kept), and
+    at 2 bits some linear of the tiny model keeps one; ``scale_refit=False`` refits nothing."""
+    import qcore
+    from qcore.tiny import tiny_model
+
+    model = tiny_model("llama")
+    qcore.quantize(model, "brecq", calibration=tiny_calibration(128), **{**TINY, "bits": 2})
+    blocks = list(_record(model)["blocks"].values())
+    assert any(b["refit"] for b in blocks), blocks
+    for b in blocks:
+        assert b["error"] <= b["error_before_refit"]
+        assert (b["error"] < b["error_before_refit"]) == bool(b["refit"])
+    model = tiny_model("llama")
+    qcore.quantize(model, "brecq", calibration=tiny_calibration(128), scale_refit=False, **{**TINY, "bits": 2})
+    assert all(not b["refit"] and b["error"] == b["error_before_refit"] for b in _record(model)["blocks"].values())
 
 
 def test_moe_model_quantizes_every_expert() -> None:

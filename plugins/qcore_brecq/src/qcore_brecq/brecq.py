@@ -35,6 +35,9 @@ class RoundingVars:
     """Learned log-factor of each group's scale [out, n_groups], or None (scales fixed)."""
     bits: int
     group_size: int
+    refit: Tensor | None = None
+    """Scales [out, n_groups] refit to the hardened codes (``scale_refit``), as stored; None: the
+    learned (or initial) scales are packed."""
 
     @property
     def maxq(self) -> int:
@@ -80,13 +83,15 @@ def rounding_vars(w: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_siz
 
 def fake_quant(rv: RoundingVars, hard: bool = False, h: Tensor | None = None) -> Tensor:
     """The fake-quantized weight [out, in]: soft (differentiable in ``v`` and the scales; ``h``:
-    ``rectified_sigmoid(rv.v)`` when already computed) or hard."""
+    ``rectified_sigmoid(rv.v)`` when already computed) or hard (on the refit scales if any)."""
+    scales = rv.current_scales()
     if hard:
         h = (rectified_sigmoid(rv.v) >= 0.5).to(rv.base.dtype)
+        scales = rv.refit if rv.refit is not None else scales
     elif h is None:
         h = rectified_sigmoid(rv.v)
     in_f = rv.base.shape[1]
-    s = expand_groups(rv.current_scales(), in_f, rv.group_size)
+    s = expand_groups(scales, in_f, rv.group_size)
     z = expand_groups(rv.zeros, in_f, rv.group_size)
     return (torch.clamp(rv.base + h, 0, rv.maxq) - z) * s
 

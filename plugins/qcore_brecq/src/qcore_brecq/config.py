@@ -19,7 +19,8 @@ class BrecqConfig(WeightQuantConfig):
     rectified sigmoid h(V), started at the fractional part) is trained with Adam so that the block
     with fake-quantized weights reproduces the float block's output on the calibration inputs
     (from the already-quantized blocks), relative to round-to-nearest's error, plus ``reg_lambda``
-    times the mean rounding regularizer ``1 - |2 h(V) - 1|^beta``; then h(V) is hardened to 0 or 1.
+    times the mean rounding regularizer ``1 - |2 h(V) - 1|^beta``; then h(V) is hardened to 0 or 1
+    and (``scale_refit``) each linear's scales are refit to its codes where that helps the block.
     """
 
     method = "brecq"
@@ -54,6 +55,9 @@ class BrecqConfig(WeightQuantConfig):
     the input Hessian."""
     clip_min: float = Field(0.7, gt=0.0, le=1.0)
     """Smallest clipping ratio the ``search`` scale init tries."""
+    scale_refit: bool = True
+    """After hardening, refit each linear's group scales to its codes (AdaRound's least-squares fit
+    through the linear's input Hessian), linear by linear, kept only where the block's error drops."""
     step_seed: int = 0
     """Seed of the random choice of calibration windows per step."""
     a_bits: int | None = None

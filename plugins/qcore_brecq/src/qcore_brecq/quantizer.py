@@ -52,7 +52,7 @@ class BrecqQuantizer(BaseQuantizer):
         targets = block.float_outputs or []
         weights = self._fisher_weights(block) if cfg.loss == "fisher" else None
         params = param_names(block.module, {n: block.linear(n) for n in names})
-        rvs = self._init_vars(block, names)
+        rvs, hessians = self._init_vars(block, names)
         acts = self._init_acts(block, names)
         frozen = [(p, p.requires_grad) for p in block.module.parameters()]
         for p, _ in frozen:
@@ -68,6 +68,10 @@ class BrecqQuantizer(BaseQuantizer):
             nearest: set[str] = set()
             if final >= rtn:
                 nearest, final = self._revert(block, rvs, params, targets, weights, final, rtn)
+            refit: list[str] = []
+            hardened = final
+            if cfg.scale_refit:
+                refit, final = self._refit(block, rvs, hessians, params, targets, weights, final, nearest)
         finally:
             for p, req in frozen:
                 p.requires_grad_(req)
@@ -90,6 +94,8 @@ class BrecqQuantizer(BaseQuantizer):
             "undecided": round(undecided, 4),
             "step_seconds": round(step_seconds, 4),
             "kept_nearest": sorted(nearest),
+            "refit": refit,
+            "error_before_refit": hardened,
             "seconds": round(time.perf_counter() - start, 3),
         }
         if acts:
@@ -106,7 +112,10 @@ class BrecqQuantizer(BaseQuantizer):
         scale = total / count if total > 0 else 1.0
         return [fisher_weight(g, scale) for g in grads]
 
-    def _init_vars(self, block: BlockContext, names: list[str]) -> dict[str, RoundingVars]:
+    def _init_vars(self, block: BlockContext,
+                   names: list[str]) -> tuple[dict[str, RoundingVars], dict[str, Tensor]]:
+        """Each linear's rounding variables on its initial grid, and its input Hessian ``X^T X / n``
+        where one was observed (``scale_init="search"`` or ``scale_refit``)."""
         import torch
 
         from qcore.plugin import quant_params
@@ -114,8 +123,9 @@ class BrecqQuantizer(BaseQuantizer):
         from qcore_brecq.brecq import rounding_vars
 
         cfg = self.config
-        stats = block.observe(names, "hessian") if cfg.scale_init == "search" else {}
-        rvs = {}
+        want = cfg.scale_init == "search" or cfg.scale_refit
+        stats = block.observe(names, "hessian") if want else {}
+        rvs, hessians = {}, {}
         for name in names:
             p = block.precision(name, cfg)
             w = block.linear(name).weight.detach().float()
@@ -124,13 +134,16 @@ class BrecqQuantizer(BaseQuantizer):
                                        "before quantizing")
             stat = stats.get(name)
             h = stat["hessian"].to(w.device, torch.float32) / 2 if stat is not None else None
-            if h is not None and int(stat["nsamples"]) > 0 and bool(torch.isfinite(h).all()):
+            usable = h is not None and int(stat["nsamples"]) > 0 and bool(torch.isfinite(h).all())
+            if usable:
+                hessians[name] = h
+            if usable and cfg.scale_init == "search":
                 with serial_if_small(w):
                     scales, zeros = search_scales(w, h, p.bits, p.group_size, p.sym, cfg.clip_min)
             else:
                 scales, zeros = quant_params(w, p.bits, p.group_size, p.sym)
             rvs[name] = rounding_vars(w, scales, zeros, p.bits, p.group_size, cfg.learn_scales)
-        return rvs
+        return rvs, hessians
 
     def _init_acts(self, block: BlockContext, names: list[str]) -> dict[str, ActStep]:
         """Each linear's activation grid (``a_bits``), searched on its sampled calibration inputs."""
@@ -202,6 +215,35 @@ class BrecqQuantizer(BaseQuantizer):
                     "round-to-nearest kept for %s (error %.4g now; more iterations or a smaller lr may help)",
                     block.name, rtn, ", ".join(sorted(nearest)), final)
         return nearest, final
+
+    def _refit(self, block: BlockContext, rvs: dict[str, RoundingVars], hessians: dict[str, Tensor],
+               params: dict[str, str], targets: list[Tensor], weights: list[Tensor] | None, final: float,
+               nearest: AbstractSet[str]) -> tuple[list[str], float]:
+        """Refit each learned linear's group scales to its hardened codes (AdaRound's least-squares
+        fit through the linear's input Hessian), in block order, keeping a refit only where it
+        lowers the block's reconstruction error; returns the refit linears and the error."""
+        import torch
+
+        from qcore_adaround.adaround import refit_scales, serial_if_small
+        from qcore_brecq.brecq import hard_codes, storage_round
+
+        kept: list[str] = []
+        for name, rv in rvs.items():
+            h = hessians.get(name)
+            if name in nearest or h is None:
+                continue
+            w = block.linear(name).weight.detach().float()
+            with torch.no_grad(), serial_if_small(w):
+                old = rv.current_scales().detach()
+                new = refit_scales(w, h, hard_codes(rv), old, rv.zeros, rv.group_size)
+            rv.refit = storage_round(new, rv.bits)
+            err = self._error(block, rvs, params, targets, weights, nearest)
+            if err < final:
+                kept.append(name)
+                final = err
+            else:
+                rv.refit = None
+        return kept, final
 
     def _train(self, block: BlockContext, rvs: dict[str, RoundingVars], params: dict[str, str],
                targets: list[Tensor], weights: list[Tensor] | None, norm: float,
@@ -300,7 +342,8 @@ def _final_codes(block: BlockContext, name: str, rv: RoundingVars, nearest: bool
     with torch.no_grad():
         if nearest:
             return nearest_codes(block.linear(name).weight.detach(), rv).to(torch.uint8), rv.scales.clone()
-        return hard_codes(rv), rv.current_scales().detach().clone()
+        scales = rv.refit if rv.refit is not None else rv.current_scales()
+        return hard_codes(rv), scales.detach().clone()
 
 
 def _flipped(block: BlockContext, rvs: dict[str, RoundingVars], nearest: AbstractSet[str]) -> float:
