@@ -17,6 +17,7 @@ from qcore_adaround.adaround import (
     learn_rounding,
     grid_error,
     objective_and_gradient,
+    product_dtype,
     output_error,
     rectified_sigmoid,
     refit_scales,
@@ -90,6 +91,29 @@ def test_hand_written_gradient_equals_autograd(beta: float | None) -> None:
     want.backward()
     assert float(loss) == pytest.approx(float(want.detach()), rel=1e-5)
     torch.testing.assert_close(grad, ref.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [None, 20.0, 1.0])
+def test_bfloat16_product_gives_the_float32_gradient_within_its_precision(beta: float | None) -> None:
+    """The step's ``dW H`` in bfloat16 changes the gradient by bfloat16's rounding only (a few
+    parts in a thousand), the regularizer's part (beta 1 included: ``|t|^0 = 1``) not at all."""
+    w, x = _layer(32, 128, rank=16, n=512)
+    h = _second_moment(x)
+    s, z = quant_params(w, 3, 32, False)
+    v = 2.0 * torch.randn(32, 128, generator=torch.Generator().manual_seed(3))
+    _, ref = objective_and_gradient(v, rounding_problem(w, h, s, z, 3, 32), 30.0, beta)
+    _, got = objective_and_gradient(v, rounding_problem(w, h, s, z, 3, 32, torch.bfloat16), 30.0, beta)
+    assert torch.isfinite(got).all()
+    assert float((got - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_product_race_picks_a_dtype_once_per_shape() -> None:
+    picked = product_dtype(64, 96)
+    assert picked in (torch.float32, torch.bfloat16)
+    assert product_dtype(64, 96) is picked
+    w, x = _layer(64, 96, rank=16, n=256)
+    res = learn_rounding(w, _second_moment(x), *quant_params(w, 3, 32, False), 3, 32, **FAST, product=None)
+    assert res.error < res.rtn_error
 
 
 def test_beta_schedule() -> None:

@@ -77,7 +77,9 @@ class AdaRoundQuantizer(BaseQuantizer):
                 scales, zeros = initial_grid(w, h, p, cfg)
             res = learn_rounding(w, h, scales, zeros, p.bits, p.group_size, iterations=cfg.iterations,
                                  lr=cfg.lr, reg_lambda=cfg.reg_lambda, warmup=cfg.warmup,
-                                 beta_start=cfg.beta_start, beta_end=cfg.beta_end, on_report=report)
+                                 beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                                 product=None if cfg.product == "auto" else getattr(torch, cfg.product),
+                                 on_report=report)
             entry.update(rtn_error=res.rtn_error, error=res.error, flipped=round(res.flipped, 4))
             if cfg.scale_refit:
                 with serial_if_small(w):
