@@ -232,6 +232,7 @@ def product_dtype(out_f: int, in_f: int, device: torch.device | str = "cpu") -> 
 
 
 def _best_seconds(fn: Callable[[], Tensor]) -> float:
+    """Fastest of :data:`RACE_ROUNDS` timed calls of ``fn`` after one untimed call."""
     fn()
     best = float("inf")
     for _ in range(RACE_ROUNDS):
