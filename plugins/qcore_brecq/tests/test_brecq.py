@@ -286,6 +286,35 @@ def test_scale_refit_is_kept_only_where_it_lowers_the_block_error() -> None:
     assert all(not b["refit"] and b["error"] == b["error_before_refit"] for b in _record(model)["blocks"].values())
 
 
+def test_step_windows_span_batches_only_when_one_is_too_small() -> None:
+    """A step draws its windows from one captured batch where it holds enough (a subset, or the
+    whole batch as None), else whole distinct batches until the count is reached."""
+    from qcore_brecq.quantizer import _step_windows
+
+    gen = torch.Generator().manual_seed(0)
+    (b, idx), = _step_windows([4, 4, 4], 1, 2, gen)
+    assert b == 1 and idx is not None and len(idx) == 2 and bool((idx[1:] > idx[:-1]).all())
+    assert _step_windows([4, 4, 4], 2, 4, gen) == [(2, None)]
+    picks = _step_windows([1] * 8, 3, 4, gen)
+    assert picks[0] == (3, None) and len(picks) == 4 and len({b for b, _ in picks}) == 4
+    assert all(idx is None for _, idx in picks)
+    assert sorted(b for b, _ in _step_windows([1, 1, 1], 0, 8, gen)) == [0, 1, 2]
+
+
+def test_training_in_bfloat16_packs_what_the_float32_error_measured() -> None:
+    """``train_dtype="bfloat16"`` runs the training steps under autocast and several batches per
+    step; the final error (float32) still decides, and stays below round-to-nearest's at 2 bits."""
+    import qcore
+    from qcore.tiny import tiny_model
+
+    model = tiny_model("llama")
+    calib = tiny_calibration(model.config.vocab_size, n_samples=8)
+    qcore.quantize(model, "brecq", calibration=calib, train_dtype="bfloat16", batch_tokens=4096,
+                   **{**TINY, "bits": 2})
+    blocks = _record(model)["blocks"].values()
+    assert all(b["error_vs_rtn"] < 1.0 and len(b["kept_nearest"]) < 7 for b in blocks), blocks
+
+
 def test_moe_model_quantizes_every_expert() -> None:
     import qcore
     from qcore.tiny import tiny_inputs, tiny_model

@@ -28,7 +28,12 @@ class BrecqConfig(WeightQuantConfig):
     """Adam steps per block (each on about ``batch_tokens`` calibration tokens)."""
     batch_tokens: int = Field(512, ge=1)
     """Calibration tokens per step: ``max(1, batch_tokens // seq_len)`` whole windows, drawn at
-    random from one captured batch (4 windows of 128 tokens, 1 of 512)."""
+    random from one captured batch (4 windows of 128 tokens, 1 of 512), or, where one batch holds
+    fewer, whole batches drawn at random until they hold that many."""
+    train_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the block's matmuls in the training steps (bfloat16: ``torch.autocast``, about 2x
+    faster per step on CPUs with AMX, slower on AVX2-only ones); the errors that decide what is
+    packed are always computed in float32."""
     lr: float = Field(0.1, gt=0.0)
     """Adam learning rate of V (0.3 left many 2-bit SmolLM2 blocks worse than round-to-nearest
     after hardening; 0.1 did not)."""

@@ -10,6 +10,7 @@ from qcore.plugin import bar, get_logger
 if TYPE_CHECKING:
     from collections.abc import Set as AbstractSet
 
+    import torch
     from torch import Tensor, nn
 
     from qcore.plugin import MethodSpec
@@ -266,22 +267,30 @@ class BrecqQuantizer(BaseQuantizer):
         sizes = [t.shape[0] for t in targets]
         seq_len = targets[0].shape[1] if targets[0].dim() > 2 else 1  # outputs are [windows, tokens, hidden]
         windows = max(1, cfg.batch_tokens // seq_len)
+        device = next(iter(rvs.values())).v.device.type
+        low = cfg.train_dtype == "bfloat16"
         progress = bar(cfg.iterations, f"brecq {block.name}", unit="step")
         start = time.perf_counter()
         try:
             for step in range(cfg.iterations):
                 beta = beta_at(step, cfg.iterations, cfg.warmup, cfg.beta_start, cfg.beta_end)
                 i = int(torch.randint(len(targets), (1,), generator=gen))
-                idx = torch.randperm(sizes[i], generator=gen)[:windows]
-                idx = None if len(idx) == sizes[i] else idx.sort().values
                 hs = {n: rectified_sigmoid(rv.v) for n, rv in rvs.items()}
-                out = self._run(block, params, {n: fake_quant(rv, h=hs[n]) for n, rv in rvs.items()}, i, idx)
-                target = targets[i] if idx is None else targets[i].index_select(0, idx.to(targets[i].device))
-                wt = None
-                if weights is not None:
-                    wt = weights[i] if idx is None else weights[i].index_select(0, idx)
-                    wt = wt.to(out.device)
-                loss = reconstruction_error(out, target, wt) / norm
+                ws = {n: fake_quant(rv, h=hs[n]) for n, rv in rvs.items()}
+                picks = _step_windows(sizes, i, windows, gen)
+                drawn = sum(sizes[b] if idx is None else len(idx) for b, idx in picks)
+                terms = []
+                for b, idx in picks:
+                    with torch.autocast(device, dtype=torch.bfloat16, enabled=low):
+                        out = self._run(block, params, ws, b, idx)
+                    target = targets[b] if idx is None else targets[b].index_select(0, idx.to(targets[b].device))
+                    wt = None
+                    if weights is not None:
+                        wt = weights[b] if idx is None else weights[b].index_select(0, idx)
+                        wt = wt.to(out.device)
+                    share = (sizes[b] if idx is None else len(idx)) / drawn
+                    terms.append(share * reconstruction_error(out, target, wt) / norm)
+                loss = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
                 rec = float(loss.detach())
                 if beta is not None and cfg.reg_lambda > 0:
                     loss = loss + cfg.reg_lambda * round_regularizer(list(hs.values()), beta)
@@ -358,6 +367,26 @@ def _flipped(block: BlockContext, rvs: dict[str, RoundingVars], nearest: Abstrac
             diff += int((hard_codes(rv).float() != near).sum())
         total += near.numel()
     return diff / max(total, 1)
+
+
+def _step_windows(sizes: list[int], first: int, windows: int,
+                  gen: torch.Generator) -> list[tuple[int, Tensor | None]]:
+    """The calibration windows of one step: ``windows`` of batch ``first`` drawn at random (None:
+    the whole batch); when ``windows`` exceeds that batch, further whole batches drawn at random
+    until they hold ``windows`` windows (or every batch is taken)."""
+    import torch
+
+    idx = torch.randperm(sizes[first], generator=gen)[:windows]
+    picks: list[tuple[int, Tensor | None]] = [(first, None if len(idx) == sizes[first] else idx.sort().values)]
+    held = len(idx)
+    if held < windows:
+        for b in torch.randperm(len(sizes), generator=gen).tolist():
+            if held >= windows:
+                break
+            if b != first:
+                picks.append((b, None))
+                held += sizes[b]
+    return picks
 
 
 def _batch_of(args: tuple, kwargs: dict) -> int:
