@@ -292,13 +292,14 @@ def test_step_windows_span_batches_only_when_one_is_too_small() -> None:
     from qcore_brecq.quantizer import _step_windows
 
     gen = torch.Generator().manual_seed(0)
-    (b, idx), = _step_windows([4, 4, 4], 1, 2, gen)
-    assert b == 1 and idx is not None and len(idx) == 2 and bool((idx[1:] > idx[:-1]).all())
-    assert _step_windows([4, 4, 4], 2, 4, gen) == [(2, None)]
-    picks = _step_windows([1] * 8, 3, 4, gen)
-    assert picks[0] == (3, None) and len(picks) == 4 and len({b for b, _ in picks}) == 4
+    (b, idx), = _step_windows([4, 4, 4], 2, gen)
+    assert b in (0, 1, 2) and idx is not None and len(idx) == 2 and bool((idx[1:] > idx[:-1]).all())
+    (b, idx), = _step_windows([4, 4, 4], 4, gen)
+    assert idx is None
+    picks = _step_windows([1] * 8, 4, gen)
+    assert len(picks) == 4 and len({b for b, _ in picks}) == 4
     assert all(idx is None for _, idx in picks)
-    assert sorted(b for b, _ in _step_windows([1, 1, 1], 0, 8, gen)) == [0, 1, 2]
+    assert sorted(b for b, _ in _step_windows([1, 1, 1], 8, gen)) == [0, 1, 2]
 
 
 def test_training_in_bfloat16_packs_what_the_float32_error_measured() -> None:

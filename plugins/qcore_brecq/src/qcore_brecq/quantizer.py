@@ -254,7 +254,7 @@ class BrecqQuantizer(BaseQuantizer):
         import torch
 
         from qcore_adaround.adaround import beta_at, rectified_sigmoid
-        from qcore_brecq.brecq import fake_quant, reconstruction_error, round_regularizer
+        from qcore_brecq.brecq import fake_quant, round_regularizer
 
         cfg = self.config
         groups = [{"params": [rv.v for rv in rvs.values()], "lr": cfg.lr}]
@@ -274,23 +274,15 @@ class BrecqQuantizer(BaseQuantizer):
         try:
             for step in range(cfg.iterations):
                 beta = beta_at(step, cfg.iterations, cfg.warmup, cfg.beta_start, cfg.beta_end)
-                i = int(torch.randint(len(targets), (1,), generator=gen))
                 hs = {n: rectified_sigmoid(rv.v) for n, rv in rvs.items()}
                 ws = {n: fake_quant(rv, h=hs[n]) for n, rv in rvs.items()}
-                picks = _step_windows(sizes, i, windows, gen)
+                picks = _step_windows(sizes, windows, gen)
                 drawn = sum(sizes[b] if idx is None else len(idx) for b, idx in picks)
-                terms = []
-                for b, idx in picks:
-                    with torch.autocast(device, dtype=torch.bfloat16, enabled=low):
-                        out = self._run(block, params, ws, b, idx)
-                    target = targets[b] if idx is None else targets[b].index_select(0, idx.to(targets[b].device))
-                    wt = None
-                    if weights is not None:
-                        wt = weights[b] if idx is None else weights[b].index_select(0, idx)
-                        wt = wt.to(out.device)
-                    share = (sizes[b] if idx is None else len(idx)) / drawn
-                    terms.append(share * reconstruction_error(out, target, wt) / norm)
-                loss = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=low):
+                    terms = [(sizes[b] if idx is None else len(idx)) / drawn
+                             * self._window_error(block, params, ws, targets, weights, b, idx)
+                             for b, idx in picks]
+                loss = (terms[0] if len(terms) == 1 else torch.stack(terms).sum()) / norm
                 rec = float(loss.detach())
                 if beta is not None and cfg.reg_lambda > 0:
                     loss = loss + cfg.reg_lambda * round_regularizer(list(hs.values()), beta)
@@ -303,6 +295,18 @@ class BrecqQuantizer(BaseQuantizer):
         finally:
             progress.close()
         return (time.perf_counter() - start) / cfg.iterations
+
+    def _window_error(self, block: BlockContext, params: dict[str, str], ws: dict[str, Tensor],
+                      targets: list[Tensor], weights: list[Tensor] | None, b: int, idx: Tensor | None) -> Tensor:
+        """The reconstruction error of batch ``b`` (windows ``idx``, None: all) with weights ``ws``."""
+        from qcore_brecq.brecq import reconstruction_error
+
+        out = self._run(block, params, ws, b, idx)
+        target = targets[b] if idx is None else targets[b].index_select(0, idx.to(targets[b].device))
+        wt = None
+        if weights is not None:
+            wt = (weights[b] if idx is None else weights[b].index_select(0, idx)).to(out.device)
+        return reconstruction_error(out, target, wt)
 
     def _pack(self, block: BlockContext, names: list[str], rvs: dict[str, RoundingVars],
               nearest: AbstractSet[str] = frozenset()) -> None:
@@ -369,13 +373,13 @@ def _flipped(block: BlockContext, rvs: dict[str, RoundingVars], nearest: Abstrac
     return diff / max(total, 1)
 
 
-def _step_windows(sizes: list[int], first: int, windows: int,
-                  gen: torch.Generator) -> list[tuple[int, Tensor | None]]:
-    """The calibration windows of one step: ``windows`` of batch ``first`` drawn at random (None:
-    the whole batch); when ``windows`` exceeds that batch, further whole batches drawn at random
-    until they hold ``windows`` windows (or every batch is taken)."""
+def _step_windows(sizes: list[int], windows: int, gen: torch.Generator) -> list[tuple[int, Tensor | None]]:
+    """The calibration windows of one step: a batch drawn at random, ``windows`` of its windows
+    drawn at random (None: the whole batch); when ``windows`` exceeds that batch, further whole
+    batches drawn at random until they hold ``windows`` windows (or every batch is taken)."""
     import torch
 
+    first = int(torch.randint(len(sizes), (1,), generator=gen))
     idx = torch.randperm(sizes[first], generator=gen)[:windows]
     picks: list[tuple[int, Tensor | None]] = [(first, None if len(idx) == sizes[first] else idx.sort().values)]
     held = len(idx)
